@@ -1,0 +1,335 @@
+"""The engine: the catalog of collections in one data dir, background maintenance, stats, snapshots.
+
+Data dir layout (every file AES-256-GCM with the data key, bound to its relative path)::
+
+    catalog.enc                      collections and their configs
+    collections/<cid>/MANIFEST.enc   persisted segments, their deleted rows, live WAL files
+    collections/<cid>/seg-N.enc      sealed segment: rows, columns, text postings, faiss index
+    collections/<cid>/wal-N.log      write-ahead log (per-record CRC + GCM)
+
+A snapshot copies these encrypted files as they are (segment files are immutable; WALs are cut at the
+length captured under the collections' write locks) plus an encrypted ``SNAPSHOT.enc`` index written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from services.core.errors import Conflict, NotFound, Unprocessable
+from services.core.objectstore import ObjectStore, ObjectStoreError, open_object_store
+
+from .collection import Collection, Settings
+from .crypto import CorruptionError, DataCipher
+from .schema import CollectionConfig
+
+log = logging.getLogger("vecta.engine")
+
+CATALOG = "catalog.enc"
+SNAPSHOT_INDEX = "SNAPSHOT.enc"
+
+
+class Engine:
+    def __init__(self, data_dir: Path, key: bytes, settings: Settings | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.cipher = DataCipher(key)
+        self.settings = settings or Settings()
+        self.collections: dict[str, Collection] = {}
+        self.catalog_lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started_at = time.time()
+        self.maintenance_errors = 0
+
+    # ------------------------------------------------------------------------------------------------------
+    def open(self, *, background: bool = True) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "collections").mkdir(exist_ok=True)
+        self._load()
+        if background:
+            self._thread = threading.Thread(
+                target=self._maintenance_loop, name="vecta-maintenance", daemon=True
+            )
+            self._thread.start()
+
+    def _load(self) -> None:
+        path = self.data_dir / CATALOG
+        configs: list[CollectionConfig] = []
+        if path.exists():
+            doc = orjson.loads(self.cipher.read_file(path, b"vecta|" + CATALOG.encode()).tobytes())
+            configs = [CollectionConfig.from_json(c) for c in doc["collections"]]
+        known = set()
+        for cfg in configs:
+            coll = Collection(
+                cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings
+            )
+            coll.open()
+            self.collections[cfg.name] = coll
+            known.add(cfg.cid)
+        for p in (self.data_dir / "collections").iterdir():
+            if p.name not in known:  # a half-created or dropped collection
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _write_catalog(self) -> None:
+        doc = {"version": 1, "collections": [c.cfg.to_json() for c in self.collections.values()]}
+        self.cipher.write_file(self.data_dir / CATALOG, [orjson.dumps(doc)], b"vecta|" + CATALOG.encode())
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for c in list(self.collections.values()):
+            c.close()
+
+    # ------------------------------------------------------------------------------------------------------
+    def create_collection(self, cfg: CollectionConfig) -> Collection:
+        with self.catalog_lock:
+            if cfg.name in self.collections:
+                raise Conflict(f"collection {cfg.name!r} already exists", code="collection_exists")
+            cfg.cid = "c_" + secrets.token_hex(8)
+            coll = Collection(
+                cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings
+            )
+            coll.create()
+            self.collections[cfg.name] = coll
+            try:
+                self._write_catalog()
+            except BaseException:
+                del self.collections[cfg.name]
+                shutil.rmtree(coll.root, ignore_errors=True)
+                raise
+            return coll
+
+    def get(self, name: str) -> Collection:
+        coll = self.collections.get(name)
+        if coll is None:
+            raise NotFound(f"collection {name!r} not found", code="collection_not_found")
+        return coll
+
+    def drop_collection(self, name: str) -> None:
+        with self.catalog_lock:
+            coll = self.get(name)
+            with coll.write_lock:
+                coll.dropped = True
+                del self.collections[name]
+                self._write_catalog()
+                coll.close()
+            shutil.rmtree(coll.root, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------------
+    def maintain_once(self) -> bool:
+        """One round of sealing and index building; True if anything was done."""
+        did = False
+        now = time.monotonic()
+        for coll in list(self.collections.values()):
+            if coll.dropped:
+                continue
+            if coll.needs_seal(now):
+                did |= coll.seal()
+            plan = coll.build_plan()
+            if plan:
+                coll.build(plan)
+                did = True
+        return did
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Seal and build until every collection is fully indexed (tests, snapshots of idle engines)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for coll in list(self.collections.values()):
+                coll.seal()
+                plan = coll.build_plan()
+                if plan:
+                    coll.build(plan)
+            if all(c.status() == "ready" for c in self.collections.values()):
+                return
+            time.sleep(0.01)
+        raise TimeoutError("collections did not become ready")
+
+    def _maintenance_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                did = self.maintain_once()
+            except Exception:
+                self.maintenance_errors += 1
+                log.exception("maintenance failed")
+                did = False
+            if not did:
+                self._stop.wait(0.2)
+
+    # ------------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        colls = [c.stats() for c in list(self.collections.values())]
+        return {
+            "collections": colls,
+            "vector_count": sum(c["vector_count"] for c in colls),
+            "bytes_on_disk": _dir_size(self.data_dir),
+            "bytes_in_memory": sum(c["bytes_in_memory"] for c in colls),
+            "rss_bytes": rss_bytes(),
+            "read_units": sum(c["read_units"] for c in colls),
+            "write_units": sum(c["write_units"] for c in colls),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "maintenance_errors": self.maintenance_errors,
+        }
+
+    # ------------------------------------------------------------------------------------------------------
+    def snapshot(self, store: ObjectStore) -> dict[str, Any]:
+        """A consistent point-in-time copy of every collection, taken while writes continue."""
+        with self.catalog_lock:
+            colls = sorted(self.collections.values(), key=lambda c: c.cfg.name)
+            for c in colls:
+                c.write_lock.acquire()
+            try:
+                captured = [(c, *c.capture()) for c in colls]
+                catalog = {"version": 1, "collections": [c.cfg.to_json() for c in colls]}
+            finally:
+                for c in reversed(colls):
+                    c.write_lock.release()
+        files: list[dict[str, Any]] = []
+        total = 0
+        try:
+            for coll, manifest, lengths in captured:
+                for name, length in sorted(lengths.items()):
+                    rel = f"{coll.rel}/{name}"
+                    digest = _sha256_prefix(coll.root / name, length)
+                    store.put_file(f"files/{rel}", coll.root / name, length=length)
+                    files.append({"path": rel, "size": length, "sha256": digest})
+                    total += length
+                blob = coll.cipher.seal(orjson.dumps(manifest), coll.aad("MANIFEST.snapshot"))
+                store.put_bytes(f"files/{coll.rel}/MANIFEST.snapshot", blob)
+                files.append(
+                    {
+                        "path": f"{coll.rel}/MANIFEST.snapshot",
+                        "size": len(blob),
+                        "sha256": hashlib.sha256(blob).hexdigest(),
+                    }
+                )
+        finally:
+            for coll, _, _ in captured:
+                coll.unpin()
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        index = {"version": 1, "created_at": created, "catalog": catalog, "files": files}
+        store.put_bytes(SNAPSHOT_INDEX, self.cipher.seal(orjson.dumps(index), b"vecta|snapshot"))
+        return {
+            "uri": store.uri,
+            "created_at": created,
+            "collections": [c.cfg.name for c in colls],
+            "files": len(files),
+            "bytes": total,
+            "vector_count": sum(len(c.id_map) for c in colls),
+        }
+
+    def restore(self, store: ObjectStore) -> dict[str, Any]:
+        """Load a snapshot into this (empty) engine."""
+        with self.catalog_lock:
+            if self.collections:
+                raise Conflict(
+                    "restore needs an empty engine; drop its collections first", code="engine_not_empty"
+                )
+            try:
+                index = orjson.loads(self.cipher.open(store.get_bytes(SNAPSHOT_INDEX), b"vecta|snapshot"))
+            except CorruptionError as exc:
+                raise Unprocessable(
+                    "the snapshot index failed authentication (tampered, or another data key)",
+                    code="snapshot_invalid",
+                ) from exc
+            stage = self.data_dir / f".restore-{secrets.token_hex(4)}"
+            stage.mkdir(parents=True)
+            try:
+                for f in index["files"]:
+                    dest = stage / f["path"]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    store.get_file(f"files/{f['path']}", dest)
+                    if dest.stat().st_size != f["size"] or _sha256_prefix(dest, f["size"]) != f["sha256"]:
+                        raise Unprocessable(f"snapshot file {f['path']} is damaged", code="snapshot_invalid")
+                for cfg_doc in index["catalog"]["collections"]:
+                    cdir = stage / "collections" / cfg_doc["cid"]
+                    rel = f"collections/{cfg_doc['cid']}"
+                    aad = f"vecta|{rel}/".encode()
+                    manifest = self.cipher.open(
+                        (cdir / "MANIFEST.snapshot").read_bytes(), aad + b"MANIFEST.snapshot"
+                    )
+                    (cdir / "MANIFEST.snapshot").unlink()
+                    self.cipher.write_file(cdir / "MANIFEST.enc", [manifest], aad + b"MANIFEST.enc")
+                self.cipher.write_file(
+                    stage / CATALOG, [orjson.dumps(index["catalog"])], b"vecta|" + CATALOG.encode()
+                )
+                # move into place: collections first, the catalog last (it is what makes them exist)
+                (self.data_dir / "collections").mkdir(exist_ok=True)
+                for cfg_doc in index["catalog"]["collections"]:
+                    os.replace(
+                        stage / "collections" / cfg_doc["cid"], self.data_dir / "collections" / cfg_doc["cid"]
+                    )
+                os.replace(stage / CATALOG, self.data_dir / CATALOG)
+            except ObjectStoreError as exc:
+                raise Unprocessable(f"snapshot could not be read: {exc}", code="snapshot_invalid") from exc
+            except CorruptionError as exc:
+                raise Unprocessable(
+                    f"snapshot failed authentication: {exc}", code="snapshot_invalid"
+                ) from exc
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+            self._load()
+            return {
+                "uri": store.uri,
+                "created_at": index["created_at"],
+                "collections": sorted(self.collections),
+                "vector_count": sum(len(c.id_map) for c in self.collections.values()),
+            }
+
+
+def open_store(uri: Any) -> ObjectStore:
+    if not isinstance(uri, str) or not uri:
+        from services.core.errors import BadRequest
+
+        raise BadRequest("body.uri must be an s3:// or file:// URI", code="validation_error")
+    try:
+        return open_object_store(uri)
+    except ObjectStoreError as exc:
+        from services.core.errors import BadRequest
+
+        raise BadRequest(str(exc), code="invalid_uri") from exc
+
+
+def _sha256_prefix(path: Path, length: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        remaining = length
+        while remaining > 0:
+            buf = fh.read(min(1 << 20, remaining))
+            if not buf:
+                break
+            h.update(buf)
+            remaining -= len(buf)
+    return h.hexdigest()
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, names in os.walk(path):
+        for n in names:
+            try:
+                total += os.stat(os.path.join(root, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,512 @@
+"""Request parsing and validation for the engine: collection configs, record batches, filters.
+
+Hand-written on purpose (no pydantic on the hot path): vectors go from ``orjson`` straight into one numpy
+array. Every error names the record and the field, and a batch is validated completely before anything of it
+is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from services.core.errors import BadRequest, PayloadTooLarge, Unprocessable
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+FIELD_TYPES = ("int", "float", "bool", "string", "string[]", "json")
+METRICS = ("cosine", "l2", "ip")
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq")
+MAX_DIM = 16_384
+MAX_FIELDS = 64
+
+# Batch limits (over them: 413)
+MAX_UPSERT_RECORDS = 10_000
+MAX_BODY_BYTES = 64 << 20
+MAX_IDS = 10_000
+MAX_QUERIES = 1_000
+MAX_TOP_K = 1_000
+MAX_QUERY_LIMIT = 1_000
+MAX_ID_LEN = 64
+MAX_STRING_LEN = 4_096
+MAX_TEXT_LEN = 100_000
+MAX_JSON_BYTES = 16_384
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def loads(body: bytes) -> Any:
+    if not body:
+        raise BadRequest("request body is empty; a JSON object is expected", code="invalid_json")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def expect_object(doc: Any, allowed: set[str], where: str = "body") -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{where} must be a JSON object", code="validation_error")
+    unknown = set(doc) - allowed
+    if unknown:
+        raise BadRequest(f"{where}: unknown field {sorted(unknown)[0]!r}", code="unknown_field")
+    return doc
+
+
+def _int(doc: dict[str, Any], key: str, default: int | None, lo: int, hi: int, where: str = "body") -> int:
+    v = doc.get(key, default)
+    if v is None:
+        raise BadRequest(f"{where}.{key} is required", code="validation_error")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"{where}.{key} must be an integer", code="validation_error")
+    if not lo <= v <= hi:
+        raise BadRequest(f"{where}.{key} must be between {lo} and {hi}", code="validation_error")
+    return v
+
+
+def _bool(doc: dict[str, Any], key: str, default: bool) -> bool:
+    v = doc.get(key, default)
+    if not isinstance(v, bool):
+        raise BadRequest(f"body.{key} must be a boolean", code="validation_error")
+    return v
+
+
+@dataclass
+class FieldSpec:
+    name: str
+    type: str
+    indexed: bool = True
+
+
+@dataclass
+class CollectionConfig:
+    name: str
+    dimension: int
+    metric: str
+    index_type: str
+    index_params: dict[str, Any]
+    fields: dict[str, FieldSpec] = field(default_factory=dict)
+    text_field: str | None = None
+    cid: str = ""
+    created_at: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dimension": self.dimension,
+            "metric": self.metric,
+            "index": {"type": self.index_type, "params": self.index_params},
+            "fields": [{"name": f.name, "type": f.type, "indexed": f.indexed} for f in self.fields.values()],
+            "text_field": self.text_field,
+            "cid": self.cid,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CollectionConfig:
+        return cls(
+            name=d["name"],
+            dimension=int(d["dimension"]),
+            metric=d["metric"],
+            index_type=d["index"]["type"],
+            index_params=dict(d["index"]["params"]),
+            fields={
+                f["name"]: FieldSpec(f["name"], f["type"], bool(f.get("indexed", True))) for f in d["fields"]
+            },
+            text_field=d.get("text_field"),
+            cid=d["cid"],
+            created_at=d["created_at"],
+        )
+
+
+_INDEX_PARAMS: dict[str, dict[str, tuple[int, int, int]]] = {
+    "auto": {},
+    "flat": {},
+    "hnsw": {"M": (16, 4, 128), "ef_construction": (100, 8, 2048), "ef": (64, 1, 4096)},
+    "ivf_flat": {"nlist": (128, 1, 65_536), "nprobe": (10, 1, 65_536)},
+    "ivf_pq": {"nlist": (128, 1, 65_536), "m": (8, 1, 1024), "nbits": (8, 4, 12), "nprobe": (10, 1, 65_536)},
+}
+
+
+def parse_collection(doc: Any) -> CollectionConfig:
+    doc = expect_object(doc, {"name", "dimension", "metric", "index", "fields", "text_field"})
+    name = doc.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise BadRequest(
+            "body.name must be 1-63 characters of letters, digits, '_' or '-', starting with a letter or digit",
+            code="validation_error",
+        )
+    dim = _int(doc, "dimension", None, 1, MAX_DIM)
+    metric = doc.get("metric", "cosine")
+    if metric not in METRICS:
+        raise BadRequest(f"body.metric must be one of {list(METRICS)}", code="validation_error")
+    index = doc.get("index") or {"type": "auto"}
+    index = expect_object(index, {"type", "params"}, "body.index")
+    itype = index.get("type", "auto")
+    if itype not in INDEX_TYPES:
+        raise BadRequest(f"body.index.type must be one of {list(INDEX_TYPES)}", code="validation_error")
+    raw_params = index.get("params") or {}
+    spec = _INDEX_PARAMS[itype]
+    raw_params = expect_object(raw_params, set(spec), "body.index.params")
+    params = {k: _int(raw_params, k, d, lo, hi, "body.index.params") for k, (d, lo, hi) in spec.items()}
+    if itype == "ivf_pq" and dim % params["m"] != 0:
+        raise Unprocessable(
+            f"body.index.params.m ({params['m']}) must divide the dimension ({dim})",
+            code="invalid_index_params",
+        )
+    fields_doc = doc.get("fields") or []
+    if not isinstance(fields_doc, list) or len(fields_doc) > MAX_FIELDS:
+        raise BadRequest(
+            f"body.fields must be a list of at most {MAX_FIELDS} fields", code="validation_error"
+        )
+    fields: dict[str, FieldSpec] = {}
+    for i, f in enumerate(fields_doc):
+        f = expect_object(f, {"name", "type", "indexed"}, f"body.fields[{i}]")
+        fname = f.get("name")
+        if not isinstance(fname, str) or not FIELD_RE.match(fname):
+            raise BadRequest(f"body.fields[{i}].name must be an identifier", code="validation_error")
+        if fname in fields:
+            raise BadRequest(f"body.fields[{i}].name {fname!r} is declared twice", code="validation_error")
+        ftype = f.get("type")
+        if ftype not in FIELD_TYPES:
+            raise BadRequest(
+                f"body.fields[{i}].type must be one of {list(FIELD_TYPES)}", code="validation_error"
+            )
+        indexed = f.get("indexed", True)
+        if not isinstance(indexed, bool):
+            raise BadRequest(f"body.fields[{i}].indexed must be a boolean", code="validation_error")
+        fields[fname] = FieldSpec(fname, ftype, indexed)
+    text_field = doc.get("text_field")
+    if text_field is not None and (not isinstance(text_field, str) or not FIELD_RE.match(text_field)):
+        raise BadRequest("body.text_field must be an identifier", code="validation_error")
+    if text_field is not None and text_field in fields:
+        raise BadRequest("body.text_field must not also be a metadata field", code="validation_error")
+    return CollectionConfig(
+        name=name,
+        dimension=dim,
+        metric=metric,
+        index_type=itype,
+        index_params=params,
+        fields=fields,
+        text_field=text_field,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    ids: list[str]
+    vectors: np.ndarray
+    metas: list[dict[str, Any] | None]
+    texts: list[str | None] | None
+
+
+def check_id(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise BadRequest(f"{where}: id must be a non-empty string", code="validation_error")
+    if len(v) > MAX_ID_LEN:
+        raise BadRequest(f"{where}: id is longer than {MAX_ID_LEN} characters", code="validation_error")
+    return v
+
+
+def to_matrix(rows: list[Any], dim: int, what: str) -> np.ndarray:
+    """A list of vectors -> float32 (n, dim); errors name the offending row."""
+    try:
+        arr = np.array(rows, dtype=np.float32)
+        ok = arr.ndim == 2 and arr.shape[1] == dim
+    except (ValueError, TypeError, OverflowError):
+        ok = False
+    if not ok:
+        for i, v in enumerate(rows):
+            where = what.format(i=i)
+            if not isinstance(v, list):
+                raise BadRequest(f"{where}: vector must be a list of numbers", code="validation_error")
+            if len(v) != dim:
+                raise Unprocessable(
+                    f"{where}: vector has dimension {len(v)}, the collection has {dim}",
+                    code="dimension_mismatch",
+                )
+            for j, x in enumerate(v):
+                if isinstance(x, bool) or not isinstance(x, int | float):
+                    raise BadRequest(f"{where}: vector[{j}] is not a number", code="validation_error")
+        raise BadRequest(f"{what.format(i='?')}: malformed vectors", code="validation_error")
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise Unprocessable(
+            f"{what.format(i=int(bad[0]))}: vector[{int(bad[1])}] is NaN, infinite or outside float32 range",
+            code="invalid_vector",
+        )
+    return arr
+
+
+def _check_value(ftype: str, v: Any, where: str) -> Any:
+    if v is None:
+        return None
+    if ftype == "int":
+        if isinstance(v, bool) or not isinstance(v, int) or not INT64_MIN <= v <= INT64_MAX:
+            raise BadRequest(f"{where} must be a 64-bit integer", code="type_mismatch")
+    elif ftype == "float":
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise BadRequest(f"{where} must be a finite number", code="type_mismatch")
+        v = float(v)
+    elif ftype == "bool":
+        if not isinstance(v, bool):
+            raise BadRequest(f"{where} must be a boolean", code="type_mismatch")
+    elif ftype == "string":
+        if not isinstance(v, str):
+            raise BadRequest(f"{where} must be a string", code="type_mismatch")
+        if len(v) > MAX_STRING_LEN:
+            raise BadRequest(f"{where} is longer than {MAX_STRING_LEN} characters", code="validation_error")
+    elif ftype == "string[]":
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise BadRequest(f"{where} must be a list of strings", code="type_mismatch")
+        if any(len(s) > MAX_STRING_LEN for s in v):
+            raise BadRequest(f"{where} has an element longer than {MAX_STRING_LEN}", code="validation_error")
+    else:
+        if len(orjson.dumps(v)) > MAX_JSON_BYTES:
+            raise BadRequest(f"{where} is larger than {MAX_JSON_BYTES} bytes", code="validation_error")
+    return v
+
+
+def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
+    doc = expect_object(loads(body), {"records"})
+    records = doc.get("records")
+    if not isinstance(records, list) or not records:
+        raise BadRequest("body.records must be a non-empty list", code="validation_error")
+    if len(records) > MAX_UPSERT_RECORDS:
+        raise PayloadTooLarge(
+            f"body.records has {len(records)} records; at most {MAX_UPSERT_RECORDS} per request",
+            code="batch_too_large",
+        )
+    ids: list[str] = []
+    vecs: list[Any] = []
+    metas: list[dict[str, Any] | None] = []
+    texts: list[str | None] | None = [] if cfg.text_field else None
+    seen: set[str] = set()
+    fields = cfg.fields
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise BadRequest(f"records[{i}] must be an object", code="validation_error")
+        for k in r:
+            if k not in ("id", "vector", "metadata", "text"):
+                raise BadRequest(f"records[{i}]: unknown field {k!r}", code="unknown_field")
+        rid = check_id(r.get("id"), f"records[{i}]")
+        if rid in seen:
+            raise Unprocessable(
+                f"records[{i}]: id {rid!r} appears more than once in the batch", code="duplicate_id"
+            )
+        seen.add(rid)
+        ids.append(rid)
+        if "vector" not in r:
+            raise BadRequest(f"records[{i}] ({rid!r}): vector is required", code="validation_error")
+        vecs.append(r["vector"])
+        md = r.get("metadata")
+        if md is not None:
+            if not isinstance(md, dict):
+                raise BadRequest(
+                    f"records[{i}] ({rid!r}): metadata must be an object", code="validation_error"
+                )
+            for key, val in md.items():
+                f = fields.get(key)
+                if f is None:
+                    raise BadRequest(
+                        f"records[{i}] ({rid!r}): metadata.{key} is not a declared field of the collection",
+                        code="unknown_field",
+                    )
+                md[key] = _check_value(f.type, val, f"records[{i}] ({rid!r}): metadata.{key}")
+            metas.append(md or None)
+        else:
+            metas.append(None)
+        t = r.get("text")
+        if t is not None:
+            if texts is None:
+                raise BadRequest(
+                    f"records[{i}] ({rid!r}): text given but the collection has no text_field",
+                    code="unknown_field",
+                )
+            if not isinstance(t, str):
+                raise BadRequest(f"records[{i}] ({rid!r}): text must be a string", code="type_mismatch")
+            if len(t) > MAX_TEXT_LEN:
+                raise BadRequest(
+                    f"records[{i}] ({rid!r}): text longer than {MAX_TEXT_LEN}", code="validation_error"
+                )
+        if texts is not None:
+            texts.append(t)
+    vectors = to_matrix(vecs, cfg.dimension, "records[{i}]")
+    if cfg.metric == "cosine":
+        zero = np.flatnonzero(~(np.abs(vectors).max(axis=1) > 0))
+        if len(zero):
+            raise Unprocessable(
+                f"records[{int(zero[0])}] ({ids[int(zero[0])]!r}): a zero vector has no cosine similarity",
+                code="invalid_vector",
+            )
+    return Batch(ids, vectors, metas, texts)
+
+
+def parse_ids(doc: dict[str, Any], key: str = "ids") -> list[str]:
+    ids = doc.get(key)
+    if not isinstance(ids, list):
+        raise BadRequest(f"body.{key} must be a list of ids", code="validation_error")
+    if len(ids) > MAX_IDS:
+        raise PayloadTooLarge(f"body.{key} has {len(ids)} ids; at most {MAX_IDS}", code="batch_too_large")
+    return [check_id(v, f"{key}[{i}]") for i, v in enumerate(ids)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Filters
+# --------------------------------------------------------------------------------------------------------
+_CMP = ("$gt", "$gte", "$lt", "$lte")
+_FIELD_OPS = ("$eq", "$ne", "$in", "$nin", "$exists", "$not", *_CMP)
+
+
+class Filter:
+    """A compiled filter: ``mask(segment, n)`` gives the rows < n that match."""
+
+    def mask(self, seg: Any, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def matches_missing(self) -> bool:
+        raise NotImplementedError
+
+
+class _And(Filter):
+    def __init__(self, parts: list[Filter]) -> None:
+        self.parts = parts
+
+    def mask(self, seg: Any, n: int) -> np.ndarray:
+        m = np.ones(n, dtype=bool)
+        for p in self.parts:
+            m &= p.mask(seg, n)
+        return m
+
+
+class _Or(Filter):
+    def __init__(self, parts: list[Filter]) -> None:
+        self.parts = parts
+
+    def mask(self, seg: Any, n: int) -> np.ndarray:
+        m = np.zeros(n, dtype=bool)
+        for p in self.parts:
+            m |= p.mask(seg, n)
+        return m
+
+
+class _Not(Filter):
+    def __init__(self, inner: Filter) -> None:
+        self.inner = inner
+
+    def mask(self, seg: Any, n: int) -> np.ndarray:
+        return ~self.inner.mask(seg, n)
+
+
+class _Op(Filter):
+    def __init__(self, fname: str, op: str, value: Any) -> None:
+        self.fname, self.op, self.value = fname, op, value
+
+    def mask(self, seg: Any, n: int) -> np.ndarray:
+        col = seg.columns[self.fname]
+        op = self.op
+        if op == "$eq":
+            return col.eq(self.value, n)
+        if op == "$ne":
+            return ~col.eq(self.value, n)
+        if op == "$in":
+            return col.isin(self.value, n)
+        if op == "$nin":
+            return ~col.isin(self.value, n)
+        if op == "$exists":
+            m = col.exists(n)
+            return m if self.value else ~m
+        return col.cmp(op, self.value, n)
+
+
+def _check_operand(ftype: str, op: str, v: Any, where: str) -> Any:
+    if ftype == "json":
+        if op != "$exists":
+            raise BadRequest(f"filter {where}: json fields support only $exists", code="invalid_filter")
+    if op == "$exists":
+        if not isinstance(v, bool):
+            raise BadRequest(f"filter {where}.$exists must be true or false", code="invalid_filter")
+        return v
+    if op in ("$in", "$nin"):
+        if not isinstance(v, list) or len(v) > MAX_IDS:
+            raise BadRequest(
+                f"filter {where}.{op} must be a list (at most {MAX_IDS} values)", code="invalid_filter"
+            )
+        return [_check_scalar(ftype, op, x, f"{where}.{op}[{i}]") for i, x in enumerate(v)]
+    if op in _CMP:
+        if ftype not in ("int", "float"):
+            raise BadRequest(
+                f"filter {where}: {op} needs a numeric field, {where} is {ftype}", code="invalid_filter"
+            )
+    return _check_scalar(ftype, op, v, f"{where}.{op}")
+
+
+def _check_scalar(ftype: str, op: str, v: Any, where: str) -> Any:
+    if ftype in ("int", "float"):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or (isinstance(v, float) and not math.isfinite(v))
+        ):
+            raise BadRequest(f"filter {where}: expected a number for a {ftype} field", code="invalid_filter")
+    elif ftype == "bool":
+        if not isinstance(v, bool):
+            raise BadRequest(f"filter {where}: expected a boolean", code="invalid_filter")
+    elif ftype in ("string", "string[]"):
+        if not isinstance(v, str):
+            raise BadRequest(f"filter {where}: expected a string", code="invalid_filter")
+    return v
+
+
+def compile_filter(doc: Any, cfg: CollectionConfig, where: str = "filter") -> Filter:
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{where} must be an object", code="invalid_filter")
+    parts: list[Filter] = []
+    for key, val in doc.items():
+        if key in ("$and", "$or"):
+            if not isinstance(val, list) or not val:
+                raise BadRequest(f"{where}.{key} must be a non-empty list of filters", code="invalid_filter")
+            subs = [compile_filter(x, cfg, f"{where}.{key}[{i}]") for i, x in enumerate(val)]
+            parts.append(_And(subs) if key == "$and" else _Or(subs))
+        elif key == "$not":
+            parts.append(_Not(compile_filter(val, cfg, f"{where}.$not")))
+        elif key.startswith("$"):
+            raise BadRequest(f"{where}: unknown operator {key!r}", code="invalid_filter")
+        else:
+            f = cfg.fields.get(key)
+            if f is None:
+                raise BadRequest(f"{where}: unknown field {key!r}", code="invalid_filter")
+            parts.append(_field_filter(f.name, f.type, val, f"{where}.{key}"))
+    if len(parts) == 1:
+        return parts[0]
+    return _And(parts)
+
+
+def _field_filter(fname: str, ftype: str, val: Any, where: str) -> Filter:
+    if isinstance(val, dict) and any(isinstance(k, str) and k.startswith("$") for k in val):
+        ops: list[Filter] = []
+        for op, operand in val.items():
+            if op not in _FIELD_OPS:
+                raise BadRequest(f"filter {where}: unknown operator {op!r}", code="invalid_filter")
+            if op == "$not":
+                if not isinstance(operand, dict) or not operand:
+                    raise BadRequest(f"filter {where}.$not must be an operator object", code="invalid_filter")
+                ops.append(_Not(_field_filter(fname, ftype, operand, f"{where}.$not")))
+                continue
+            ops.append(_Op(fname, op, _check_operand(ftype, op, operand, where)))
+        if not ops:
+            raise BadRequest(f"filter {where}: empty operator object", code="invalid_filter")
+        return ops[0] if len(ops) == 1 else _And(ops)
+    return _Op(fname, "$eq", _check_operand(ftype, "$eq", val, where))

@@ -1,0 +1,342 @@
+"""The engine's HTTP surface: a small raw-ASGI app (no framework on the hot path).
+
+Every request is authenticated (bearer token, constant-time compare) before any route or storage is touched.
+JSON bodies are parsed with orjson and vectors go straight into numpy. Searches run in a thread pool (faiss
+releases the GIL, so they run in parallel); writes run in a separate pool, serialized per collection.
+Errors are RFC 9457 problem documents from ``services.core.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faiss
+import orjson
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from services.core.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    VectaError,
+    problem_for_status,
+)
+
+from .crypto import CorruptionError
+from .engine import Engine, open_store
+from .schema import MAX_BODY_BYTES, expect_object, loads, parse_collection, parse_upsert
+
+log = logging.getLogger("vecta.engine")
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+PROBLEM_HEADERS = [(b"content-type", PROBLEM_CONTENT_TYPE.encode())]
+ACTIONS = {"upsert", "delete", "fetch", "search", "hybrid-search", "query", "count", "imports"}
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vecta_engine_requests_total",
+            "Requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vecta_engine_request_seconds",
+            "Request latency by route",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.vectors = Gauge(
+            "vecta_engine_vectors", "Live vectors by collection", ["collection"], registry=self.registry
+        )
+        self.read_units = Gauge(
+            "vecta_engine_read_units", "Cumulative read units", ["collection"], registry=self.registry
+        )
+        self.write_units = Gauge(
+            "vecta_engine_write_units", "Cumulative write units", ["collection"], registry=self.registry
+        )
+        self.disk = Gauge("vecta_engine_bytes_on_disk", "Bytes on disk", registry=self.registry)
+        self.rss = Gauge("vecta_engine_rss_bytes", "Resident memory", registry=self.registry)
+        self._lat: dict[str, Any] = {}
+        self._req: dict[tuple[str, int], Any] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        h = self._lat.get(route)
+        if h is None:
+            h = self._lat[route] = self.latency.labels(route)
+        h.observe(seconds)
+        c = self._req.get((route, status))
+        if c is None:
+            c = self._req[(route, status)] = self.requests.labels(route, str(status))
+        c.inc()
+
+
+class EngineApp:
+    def __init__(
+        self,
+        engine: Engine,
+        token: str,
+        *,
+        search_threads: int | None = None,
+        write_threads: int = 4,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        manage_lifespan: bool = True,
+    ) -> None:
+        if not token:
+            raise ValueError("an engine token is required")
+        self.engine = engine
+        self._expected = b"Bearer " + token.encode()
+        threads = search_threads or max(2, (os.cpu_count() or 2))
+        self.search_pool = ThreadPoolExecutor(
+            threads, thread_name_prefix="vecta-search", initializer=faiss.omp_set_num_threads, initargs=(1,)
+        )
+        self.write_pool = ThreadPoolExecutor(write_threads, thread_name_prefix="vecta-write")
+        self.admin_pool = ThreadPoolExecutor(1, thread_name_prefix="vecta-admin")
+        self.max_body = max_body_bytes
+        self.metrics = _Metrics()
+        self.manage_lifespan = manage_lifespan
+        self._write_locks: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    if self.manage_lifespan:
+                        await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.engine.open)
+                except Exception as exc:
+                    log.exception("engine failed to open")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                if self.manage_lifespan:
+                    await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.engine.close)
+                self.shutdown_pools()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def shutdown_pools(self) -> None:
+        for pool in (self.search_pool, self.write_pool, self.admin_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        route = "other"
+        status = 500
+        try:
+            path: str = scope["path"]
+            method: str = scope["method"]
+            if path == "/healthz":
+                route = "healthz"
+                status = await self._send(send, 200, b'{"status":"ok"}')
+                return
+            auth = None
+            clen = None
+            for k, v in scope["headers"]:
+                if k == b"authorization":
+                    auth = v
+                elif k == b"content-length":
+                    clen = v
+            if auth is None or not hmac.compare_digest(auth, self._expected):
+                raise Unauthorized()
+            if clen is not None and clen.isdigit() and int(clen) > self.max_body:
+                raise PayloadTooLarge(
+                    f"request body is larger than {self.max_body} bytes", code="body_too_large"
+                )
+            route, result, status = await self._route(path, method, scope, receive)
+            if isinstance(result, tuple):  # (content type, raw bytes)
+                await self._send(send, status, result[1], [(b"content-type", result[0])])
+            else:
+                await self._send(send, status, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
+        except VectaError as exc:
+            status = exc.status
+            await self._problem(send, exc, scope.get("path"))
+        except CorruptionError as exc:
+            status = 500
+            log.error("stored data failed authentication: %s", exc)
+            body = problem_for_status(500, "stored data failed an integrity check", "data_corrupted")
+            await self._send(send, 500, orjson.dumps(body), PROBLEM_HEADERS)
+        except Exception:
+            status = 500
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            body = problem_for_status(500, "internal error", "internal_error")
+            await self._send(send, 500, orjson.dumps(body), PROBLEM_HEADERS)
+        finally:
+            self.metrics.observe(route, status, time.perf_counter() - t0)
+
+    async def _send(
+        self, send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> int:
+        await send({"type": "http.response.start", "status": status, "headers": headers or JSON_HEADERS})
+        await send({"type": "http.response.body", "body": body})
+        return status
+
+    async def _problem(self, send: Send, exc: VectaError, path: str | None) -> None:
+        headers = list(PROBLEM_HEADERS)
+        headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
+        await self._send(send, exc.status, orjson.dumps(exc.problem(path)), headers)
+
+    async def _body(self, receive: Receive, scope: dict[str, Any]) -> bytes:
+        msg = await receive()
+        body = msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
+        chunks = [body]
+        size = len(body)
+        while True:
+            msg = await receive()
+            b = msg.get("body", b"")
+            size += len(b)
+            if size > self.max_body:
+                raise PayloadTooLarge(
+                    f"request body is larger than {self.max_body} bytes", code="body_too_large"
+                )
+            chunks.append(b)
+            if not msg.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _check_json(scope: dict[str, Any]) -> None:
+        for k, v in scope["headers"]:
+            if k == b"content-type":
+                if not (v.startswith(b"application/json") or v.startswith(b"application/")):
+                    raise UnsupportedMediaType("send application/json", code="unsupported_media_type")
+                return
+
+    # ------------------------------------------------------------------------------------------------------
+    async def _route(
+        self, path: str, method: str, scope: dict[str, Any], receive: Receive
+    ) -> tuple[str, Any, int]:
+        parts = path.strip("/").split("/")
+        loop = asyncio.get_running_loop()
+        eng = self.engine
+        if len(parts) >= 2 and parts[0] == "v1" and parts[1] == "collections":
+            if len(parts) == 4 and parts[3] in ACTIONS:
+                if method != "POST":
+                    raise MethodNotAllowed(
+                        f"{method} is not allowed here; use POST", code="method_not_allowed"
+                    )
+                action = parts[3]
+                coll = eng.get(parts[2])
+                self._check_json(scope)
+                body = await self._body(receive, scope)
+                if action in ("search", "hybrid-search"):
+                    p = coll.parse_search(loads(body), hybrid=action == "hybrid-search")
+                    fn = coll.hybrid if action == "hybrid-search" else coll.search
+                    res = await loop.run_in_executor(self.search_pool, fn, p)
+                    return action, {"results": res}, 200
+                if action == "upsert":
+                    lock = self._write_locks.setdefault(coll.cfg.cid, asyncio.Lock())
+                    async with lock:
+                        n = await loop.run_in_executor(self.write_pool, _upsert, coll, body)
+                    return action, {"upserted_count": n}, 200
+                if action == "delete":
+                    lock = self._write_locks.setdefault(coll.cfg.cid, asyncio.Lock())
+                    async with lock:
+                        n = await loop.run_in_executor(self.write_pool, coll.delete, loads(body))
+                    return action, {"deleted_count": n}, 200
+                if action == "fetch":
+                    recs = await loop.run_in_executor(self.search_pool, coll.fetch, loads(body))
+                    return action, {"records": recs}, 200
+                if action == "query":
+                    res = await loop.run_in_executor(self.search_pool, coll.query, loads(body))
+                    return action, res, 200
+                if action == "count":
+                    doc = loads(body) if body.strip() else {}
+                    n = await loop.run_in_executor(self.search_pool, coll.count, doc)
+                    return action, {"count": n}, 200
+                raise NotFound(
+                    "imports are served by the control plane (clusters issue), not by the engine directly",
+                    code="not_implemented_here",
+                )
+            if len(parts) == 2:
+                if method == "GET":
+                    items = [c.describe() for c in eng.collections.values()]
+                    return "collections", {"items": items, "next_page_token": None}, 200
+                if method == "POST":
+                    self._check_json(scope)
+                    cfg = parse_collection(loads(await self._body(receive, scope)))
+                    coll = await loop.run_in_executor(self.admin_pool, eng.create_collection, cfg)
+                    return "collections", coll.describe(), 201
+                raise MethodNotAllowed(f"{method} is not allowed here", code="method_not_allowed")
+            if len(parts) == 3:
+                if method == "GET":
+                    return "collection", eng.get(parts[2]).describe(), 200
+                if method == "DELETE":
+                    await loop.run_in_executor(self.admin_pool, eng.drop_collection, parts[2])
+                    return "collection", {"deleted": True, "name": parts[2]}, 200
+                raise MethodNotAllowed(f"{method} is not allowed here", code="method_not_allowed")
+        if parts[0] == "internal" and len(parts) == 2:
+            return await self._internal(parts[1], method, scope, receive)
+        if path == "/metrics" and method == "GET":
+            return "metrics", (CONTENT_TYPE_LATEST.encode(), self._metrics_text()), 200
+        raise NotFound(f"no route for {method} {path}", code="route_not_found")
+
+    async def _internal(
+        self, name: str, method: str, scope: dict[str, Any], receive: Receive
+    ) -> tuple[str, Any, int]:
+        loop = asyncio.get_running_loop()
+        eng = self.engine
+        if name == "stats" and method == "GET":
+            return "internal_stats", await loop.run_in_executor(self.admin_pool, eng.stats), 200
+        if name in ("snapshot", "restore") and method == "POST":
+            doc = expect_object(loads(await self._body(receive, scope)), {"uri"})
+            store = open_store(doc.get("uri"))
+            fn = eng.snapshot if name == "snapshot" else eng.restore
+            return "internal_" + name, await loop.run_in_executor(self.admin_pool, fn, store), 200
+        if name == "flush" and method == "POST":
+            await loop.run_in_executor(self.admin_pool, eng.wait_ready, 600.0)
+            return "internal_flush", {"status": "ready"}, 200
+        raise NotFound(f"no internal route {method} {name}", code="route_not_found")
+
+    def _metrics_text(self) -> bytes:
+        m = self.metrics
+        for name, c in list(self.engine.collections.items()):
+            m.vectors.labels(name).set(len(c.id_map))
+            m.read_units.labels(name).set(c.read_units)
+            m.write_units.labels(name).set(c.write_units)
+        from .engine import rss_bytes
+
+        m.rss.set(rss_bytes())
+        return generate_latest(m.registry)
+
+
+def _upsert(coll: Any, body: bytes) -> int:
+    batch = parse_upsert(body, coll.cfg)
+    return int(coll.upsert(batch))
+
+
+__all__ = ["BadRequest", "EngineApp"]
