@@ -1,0 +1,143 @@
+"""The ``vecta`` command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from services.core.settings import get_settings, reset_settings
+
+app = typer.Typer(help="Vecta: a managed vector database.", no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+try:  # the engine worker's own commands (``vecta engine serve``)
+    from services.engine.cli import app as engine_app
+
+    app.add_typer(engine_app, name="engine", help="The per-cluster vector engine worker.")
+except ImportError:  # pragma: no cover - only while the engine package is being built
+    pass
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alembic_config(url: str | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", (url or get_settings().sync_database_url).replace("%", "%%"))
+    return cfg
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from alembic import command
+
+    get_settings().ensure_home()
+    command.upgrade(alembic_config(), revision)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
+    """Revert migrations down to REVISION (``base`` for an empty database)."""
+    from alembic import command
+
+    command.downgrade(alembic_config(), revision)
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's current revision."""
+    from alembic import command
+
+    command.current(alembic_config())
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8080,
+    home: Annotated[Path | None, typer.Option(help="State folder (default: $VECTA_HOME or ~/.vecta)")] = None,
+    worker: Annotated[bool, typer.Option(help="Also run a Celery worker and beat for background tasks")] = True,
+) -> None:
+    """Run Vecta on its embedded defaults: migrate the database, start the background worker and the API."""
+    if home is not None:
+        os.environ["VECTA_HOME"] = str(home.expanduser().resolve())
+    os.environ.setdefault("VECTA_PUBLIC_URL", f"http://{host}:{port}")
+    reset_settings()
+    settings = get_settings()
+    settings.ensure_home()
+    db_upgrade("head")
+    children: list[subprocess.Popen[bytes]] = []
+    if worker:
+        log = open(settings.log_dir / "worker.log", "ab")
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "services.core.celery_app:celery_app",
+                    "worker",
+                    "--beat",
+                    "--pool=threads",
+                    "--concurrency=4",
+                    "--loglevel=INFO",
+                    f"--schedule={settings.home / 'celerybeat-schedule'}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
+            )
+        )
+    typer.echo(f"Vecta is running at http://{host}:{port}  (home: {settings.home})")
+    typer.echo(f"API docs: http://{host}:{port}/docs   logs: {settings.log_dir}")
+    import uvicorn
+
+    try:
+        uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, log_level="warning")
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@app.command()
+def worker(
+    beat: Annotated[bool, typer.Option(help="Also run the periodic scheduler")] = False,
+    concurrency: Annotated[int, typer.Option()] = 4,
+) -> None:
+    """Run a Celery worker (production: one or more per deployment, with Redis as the broker)."""
+    args = [
+        "-A",
+        "services.core.celery_app:celery_app",
+        "worker",
+        "--pool=threads",
+        f"--concurrency={concurrency}",
+    ]
+    if beat:
+        args.append("--beat")
+    os.execv(sys.executable, [sys.executable, "-m", "celery", *args])  # noqa: S606 - fixed argv, no shell
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

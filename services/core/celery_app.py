@@ -1,0 +1,70 @@
+"""The Celery app and enqueue-after-commit.
+
+Production: Redis as broker. Embedded default (no Redis): kombu's SQLAlchemy transport on a SQLite file under
+``VECTA_HOME``, consumed by a worker process that ``vecta up`` starts, so tasks still run in the background and a
+task enqueued while no worker is up waits in the broker instead of being dropped.
+
+Tasks are named ``domain.verb``, take ids, open their own database session and are idempotent. During a request,
+``enqueue`` only buffers; the request's session dependency sends the buffer after the commit and drops it on
+rollback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from services.core.request_context import current_request
+from services.core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+TASK_MODULES = ["services.core.mail"]
+
+
+def _make_app() -> Celery:
+    settings = get_settings()
+    app = Celery("vecta", include=TASK_MODULES)
+    app.conf.update(
+        broker_url=settings.celery_broker_url,
+        task_ignore_result=True,
+        task_acks_late=True,  # a task whose worker dies mid-way is redelivered (tasks are idempotent)
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        task_always_eager=settings.celery_eager,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600, "polling_interval": 0.5},
+        beat_schedule={
+            "mail.sweep": {"task": "mail.sweep", "schedule": 60.0},
+        },
+        timezone="UTC",
+    )
+    return app
+
+
+celery_app = _make_app()
+
+
+def reconfigure() -> None:
+    """Re-read settings (tests and ``vecta up`` change the environment after import)."""
+    settings = get_settings()
+    celery_app.conf.update(broker_url=settings.celery_broker_url, task_always_eager=settings.celery_eager)
+
+
+def enqueue(task_name: str, *args: Any, **kwargs: Any) -> None:
+    ctx = current_request()
+    if ctx is not None:
+        ctx.pending_tasks.append((task_name, args, kwargs))
+        return
+    send(task_name, args, kwargs)
+
+
+def send(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if celery_app.conf.task_always_eager:
+        celery_app.tasks[task_name].apply(args=args, kwargs=kwargs)
+        return
+    celery_app.send_task(task_name, args=args, kwargs=kwargs)
