@@ -37,7 +37,14 @@ def _make_app() -> Celery:
         accept_content=["json"],
         task_always_eager=settings.celery_eager,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": 3600, "polling_interval": 0.5},
+        # Redis: redeliver an unacknowledged task after an hour. (The SQLAlchemy transport of the embedded
+        # default hands these options to create_engine, so they are only set for Redis.)
+        broker_transport_options=(
+            {"visibility_timeout": 3600} if settings.celery_broker_url.startswith("redis") else {}
+        ),
+        # Publishing is bounded: a request never hangs on a broken broker (what was not sent is re-sent by
+        # the sweepers from the database rows it concerns).
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         beat_schedule={
             "mail.sweep": {"task": "mail.sweep", "schedule": 60.0},
         },
@@ -52,7 +59,13 @@ celery_app = _make_app()
 def reconfigure() -> None:
     """Re-read settings (tests and ``vecta up`` change the environment after import)."""
     settings = get_settings()
-    celery_app.conf.update(broker_url=settings.celery_broker_url, task_always_eager=settings.celery_eager)
+    celery_app.conf.update(
+        broker_url=settings.celery_broker_url,
+        task_always_eager=settings.celery_eager,
+        broker_transport_options=(
+            {"visibility_timeout": 3600} if settings.celery_broker_url.startswith("redis") else {}
+        ),
+    )
 
 
 def enqueue(task_name: str, *args: Any, **kwargs: Any) -> None:
@@ -67,4 +80,7 @@ def send(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if celery_app.conf.task_always_eager:
         celery_app.tasks[task_name].apply(args=args, kwargs=kwargs)
         return
-    celery_app.send_task(task_name, args=args, kwargs=kwargs)
+    try:
+        celery_app.send_task(task_name, args=args, kwargs=kwargs, retry=True)
+    except Exception:  # the broker is down: the row stays pending and a sweeper re-sends it
+        log.exception("could not enqueue %s", task_name)
