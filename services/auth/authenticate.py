@@ -84,6 +84,8 @@ async def load_key_subject(session: AsyncSession, key: ApiKey) -> AuthSubject:
         org_roles=org_roles,
         org_role_privileges=org_privs,
         bindings=await _bindings(session, "api_key", key.id),
+        name=key.name,
+        home_org_id=key.org_id,
     )
 
 

@@ -33,6 +33,8 @@ class AuthSubject:
     bindings: tuple[Binding, ...] = ()
     session_id: str | None = None
     email: str | None = None
+    name: str | None = None  # the API key's name (users: their display name)
+    home_org_id: str | None = None  # the organization an API key belongs to
 
     @property
     def user_id(self) -> str | None:

@@ -140,6 +140,7 @@ def to_sync_url(url: str) -> str:
     return url  # postgresql+psycopg works for both sync and async engines
 
 
+@lru_cache(maxsize=16)
 def _local_secret(directory: Path, name: str) -> str:
     path = directory / name
     try:
