@@ -1,0 +1,458 @@
+"""Shared helpers for the benchmarks: data loading, recall, a lean HTTP/1.1 client, closed-loop load runs,
+process management and printing figures beside their baselines."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+DATA = Path(os.environ.get("BENCH_DATA", BENCH / "data"))  # BENCH_DATA: another data set (smoke tests)
+PY = sys.executable
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Dataset:
+    ids: list[str]
+    base: np.ndarray  # (n, d) float32, L2-normalised
+    queries: np.ndarray  # (nq, d)
+    gt: np.ndarray  # (nq, >=10) int indices into base, exact inner-product order
+    metadata: list[dict]
+    filters: dict[str, dict] = field(default_factory=dict)  # name -> {filter, mask, gt, selectivity}
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.base.shape[1])
+
+
+def _exact(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    _, ids = index.search(queries, min(k, base.shape[0]))
+    return ids.astype(np.int64)
+
+
+def load_dataset(n: int | None = None, k: int = 100) -> Dataset:
+    """Load bench/data (built by make_dataset.py); with n smaller than the full set, use the first n records
+    and recompute exact ground truth for that subset."""
+    manifest_path = DATA / "manifest.json"
+    if not manifest_path.exists():
+        sys.exit("bench/data is missing: run `HF_HUB_OFFLINE=1 .venv/bin/python bench/make_dataset.py` first")
+    sys.path.insert(0, str(BENCH))
+    from make_dataset import matches
+
+    manifest = json.loads(manifest_path.read_text())
+    full = manifest["n_base"]
+    n = full if n is None else min(n, full)
+    base = np.load(DATA / "base.npy", mmap_mode="r")[:n].copy()
+    queries = np.load(DATA / "queries.npy")
+    metadata = []
+    with (DATA / "metadata.jsonl").open() as f:
+        for line in itertools.islice(f, n):
+            metadata.append(json.loads(line))
+    ids = [f"p{i:07d}" for i in range(n)]
+    gt = np.load(DATA / "gt.npy").astype(np.int64) if n == full else _exact(base, queries, k)
+    filters = {}
+    for name, spec in json.loads((DATA / "filters.json").read_text()).items():
+        mask = np.fromiter((matches(m, spec["filter"]) for m in metadata), dtype=bool, count=n)
+        if n == full:
+            fgt = np.load(DATA / f"gt_{name}.npy").astype(np.int64)
+        else:
+            sel = np.flatnonzero(mask)
+            sub = _exact(base[sel], queries, k)
+            fgt = np.where(sub >= 0, sel[np.clip(sub, 0, None)], -1)
+        filters[name] = {"filter": spec["filter"], "mask": mask, "gt": fgt, "selectivity": float(mask.mean())}
+    return Dataset(ids=ids, base=base, queries=queries, gt=gt, metadata=metadata, filters=filters)
+
+
+def recall_at(found: Sequence[Sequence[int]], gt: np.ndarray, k: int = 10) -> float:
+    """Mean recall@k: |found[:k] ∩ gt[:k]| / |gt[:k]| (gt rows may be padded with -1)."""
+    total = 0.0
+    for row, truth in zip(found, gt, strict=False):
+        t = {int(x) for x in truth[:k] if x >= 0}
+        if not t:
+            continue
+        total += len(t.intersection(int(x) for x in list(row)[:k])) / len(t)
+    return total / len(found)
+
+
+def id_to_index(s: str) -> int:
+    return int(s[1:])
+
+
+# ---------------------------------------------------------------------------------------------- HTTP client
+
+
+class RawHTTP:
+    """A minimal keep-alive HTTP/1.1 client over one socket: it sends pre-built request bytes and reads one
+    response (Content-Length or chunked).  Much cheaper per request than httpx/http.client, so the client
+    is not what limits the measured server."""
+
+    def __init__(self, host: str, port: int, timeout: float = 60.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def connect(self) -> None:
+        self.close()
+        s = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.buf = s, b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+    def _fill(self) -> None:
+        assert self.sock is not None
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+    def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.sock is None:
+            self.connect()
+        assert self.sock is not None
+        self.sock.sendall(raw)
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            self._fill()
+        head = self.buf[:end].lower()
+        self.buf = self.buf[end + 4 :]
+        status = int(head[9:12])
+        cl = head.find(b"content-length:")
+        if cl >= 0:
+            eol = head.find(b"\r\n", cl)
+            length = int(head[cl + 15 : eol if eol >= 0 else None])
+            while len(self.buf) < length:
+                self._fill()
+            body, self.buf = self.buf[:length], self.buf[length:]
+        elif b"transfer-encoding: chunked" in head:
+            parts = []
+            while True:
+                while b"\r\n" not in self.buf:
+                    self._fill()
+                size_line, _, self.buf = self.buf.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                while len(self.buf) < size + 2:
+                    self._fill()
+                parts.append(self.buf[:size])
+                self.buf = self.buf[size + 2 :]
+                if size == 0:
+                    break
+            body = b"".join(parts)
+        else:
+            body = b""
+        if b"connection: close" in head:
+            self.close()
+        return status, body
+
+
+def build_request(
+    method: str, path: str, host: str, port: int, body: bytes | None = None, token: str | None = None
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    if body is not None:
+        lines.append("Content-Type: application/json")
+        lines.append(f"Content-Length: {len(body)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return head + (body or b"")
+
+
+def http_json(
+    host: str, port: int, method: str, path: str, obj=None, token: str | None = None, timeout: float = 600
+) -> tuple[int, object]:
+    import orjson
+
+    c = RawHTTP(host, port, timeout=timeout)
+    try:
+        body = None if obj is None else orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+        status, data = c.request(build_request(method, path, host, port, body, token))
+    finally:
+        c.close()
+    try:
+        return status, orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        return status, data.decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------- load runs
+
+
+@dataclass
+class RunResult:
+    label: str
+    requests: int
+    queries: int
+    seconds: float
+    latencies: np.ndarray  # seconds per request
+    errors: int = 0
+    outputs: dict[int, object] = field(default_factory=dict)
+
+    @property
+    def qps(self) -> float:
+        return self.queries / self.seconds if self.seconds else 0.0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, p: float) -> float:
+        return float(np.percentile(self.latencies, p) * 1000) if len(self.latencies) else float("nan")
+
+
+def closed_loop(
+    label: str,
+    make_worker: Callable[[], Callable[[int], object]],
+    n_items: int,
+    concurrency: int = 1,
+    queries_per_item: int = 1,
+    min_requests: int | None = None,
+    max_seconds: float = 10.0,
+    keep_outputs: bool = True,
+    warmup: int = 50,
+) -> RunResult:
+    """Run `concurrency` threads, each calling its own worker(i) for items i = 0, 1, 2, ... (cycling over
+    n_items) until min_requests are done (default one full pass) or max_seconds elapse (whichever is later
+    for the first pass, so every item is answered once; bounded by max(3 * max_seconds, 300 s) in all)."""
+    min_requests = n_items if min_requests is None else min_requests
+    workers = [make_worker() for _ in range(concurrency)]
+    for w in workers:  # warm up each connection / thread
+        for i in range(min(warmup, n_items)):
+            w(i)
+    counter = itertools.count()
+    lat_lists: list[list[float]] = [[] for _ in range(concurrency)]
+    outputs: dict[int, object] = {}
+    errors = [0] * concurrency
+    start = time.perf_counter()
+    soft_deadline = start + max_seconds
+    hard_deadline = start + max(3 * max_seconds, 300.0)
+
+    def run(k: int) -> None:
+        w, lats = workers[k], lat_lists[k]
+        pc = time.perf_counter
+        while True:
+            i = next(counter)
+            now = pc()
+            if i >= min_requests and now > soft_deadline:
+                break
+            if now > hard_deadline:
+                break
+            t0 = pc()
+            try:
+                out = w(i % n_items)
+            except Exception:
+                errors[k] += 1
+                out = None
+                if errors[k] > 100:
+                    break
+            lats.append(pc() - t0)
+            if keep_outputs and i < n_items:
+                outputs[i] = out
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    secs = time.perf_counter() - start
+    lats = np.array([x for lst in lat_lists for x in lst])
+    return RunResult(label, len(lats), len(lats) * queries_per_item, secs, lats, sum(errors), outputs)
+
+
+def http_worker_factory(host: str, port: int, reqs: list[bytes], parse: Callable[[bytes], object] | None):
+    def make():
+        c = RawHTTP(host, port)
+        c.connect()
+
+        def w(i: int):
+            status, body = c.request(reqs[i])
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
+            return parse(body) if parse else None
+
+        return w
+
+    return make
+
+
+def client_ceiling(host: str, port: int, path: str, token: str | None, concurrency: int, secs: float = 3.0):
+    req = build_request("GET", path, host, port, None, token)
+    return closed_loop(
+        f"client ceiling GET {path} c={concurrency}",
+        http_worker_factory(host, port, [req], None),
+        1,
+        concurrency,
+        min_requests=2000,
+        max_seconds=secs,
+        keep_outputs=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(host: str, port: int, path: str, token: str | None, timeout: float = 90, proc=None) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {path} answered")
+        try:
+            status, body = http_json(host, port, "GET", path, token=token, timeout=5)
+            if status == 200:
+                return
+            last = (status, body)
+        except OSError as e:
+            last = e
+        time.sleep(0.2)
+    raise TimeoutError(f"{host}:{port}{path} not ready after {timeout}s: {last}")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def rss_bytes(pid: int) -> int:
+    import psutil
+
+    p = psutil.Process(pid)
+    total = p.memory_info().rss
+    for c in p.children(recursive=True):
+        try:
+            total += c.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def new_engine_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["VECTA_ENGINE_TOKEN"] = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+    env["VECTA_ENGINE_DATA_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    return env
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------- printing
+
+
+class Report:
+    """Collects rows `figure | value | baseline | ratio | goal | ok` and prints them as a table."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.rows: list[tuple[str, str, str, str, str, str]] = []
+
+    def add(
+        self,
+        what: str,
+        value: float,
+        unit: str,
+        baseline_name: str = "",
+        baseline: float | None = None,
+        goal: float | None = None,
+        higher_is_better: bool = True,
+        fmt: str = "{:,.1f}",
+    ) -> float | None:
+        ratio = None if baseline in (None, 0) else value / baseline
+        ok = ""
+        if goal is not None and ratio is not None:
+            ok = "yes" if (ratio >= goal if higher_is_better else ratio <= goal) else "NO"
+        elif goal is not None and baseline is None:
+            ok = "yes" if (value >= goal if higher_is_better else value <= goal) else "NO"
+        base_s = "" if baseline is None else f"{baseline_name} {fmt.format(baseline)} {unit}".strip()
+        goal_s = "" if goal is None else (f"{'>=' if higher_is_better else '<='} {goal:g}" + ("x" if baseline else ""))
+        self.rows.append(
+            (
+                what,
+                f"{fmt.format(value)} {unit}",
+                base_s,
+                "" if ratio is None else f"{ratio:.2f}x",
+                goal_s,
+                ok,
+            )
+        )
+        line = f"  {what}: {fmt.format(value)} {unit}"
+        if baseline is not None:
+            line += f"   | baseline {base_s}   | ratio {ratio:.2f}x" if ratio is not None else ""
+        if goal_s:
+            line += f"   | goal {goal_s} -> {ok}"
+        print(line, flush=True)
+        return ratio
+
+    def note(self, what: str, text: str) -> None:
+        self.rows.append((what, text, "", "", "", ""))
+        print(f"  {what}: {text}", flush=True)
+
+    def markdown(self) -> str:
+        out = [
+            f"### {self.title}",
+            "",
+            "| figure | value | baseline (same run) | ratio | goal | met |",
+            "|---|---|---|---|---|---|",
+        ]
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(out) + "\n"
+
+    def dump(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.markdown())
+        print("\n" + self.markdown(), flush=True)
