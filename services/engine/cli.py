@@ -69,4 +69,7 @@ def serve(
         access_log=False,
         log_level=log_level,
         timeout_keep_alive=30,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
     )

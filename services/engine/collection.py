@@ -98,6 +98,7 @@ class Collection:
         self.read_units = 0
         self.write_units = 0
         self.building = False
+        self.build_lock = threading.Lock()  # one build per collection at a time
         self.dropped = False
         self.pins = 0
         self.pending_deletes: list[str] = []
@@ -710,6 +711,15 @@ class Collection:
             rest = sorted((s for s in persisted if s not in plan), key=lambda s: s.n - s.n_dead)
             plan += rest[: len(rest) - st.max_segments + 2]
         return sorted(plan, key=lambda s: s.seg_no)
+
+    def maintain(self) -> bool:
+        """Build (merge, compact) whatever ``build_plan`` asks for; True if something was built."""
+        with self.build_lock:
+            plan = self.build_plan()
+            if not plan or self.dropped:
+                return False
+            self.build(plan)
+            return True
 
     def build(self, plan: list[Segment]) -> Segment | None:
         """Merge ``plan`` (live rows only) into one indexed, persisted segment and swap it in."""

@@ -135,10 +135,7 @@ class Engine:
                 continue
             if coll.needs_seal(now):
                 did |= coll.seal()
-            plan = coll.build_plan()
-            if plan:
-                coll.build(plan)
-                did = True
+            did |= coll.maintain()
         return did
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -147,9 +144,7 @@ class Engine:
         while time.monotonic() < deadline:
             for coll in list(self.collections.values()):
                 coll.seal()
-                plan = coll.build_plan()
-                if plan:
-                    coll.build(plan)
+                coll.maintain()
             if all(c.status() == "ready" for c in self.collections.values()):
                 return
             time.sleep(0.01)

@@ -223,7 +223,8 @@ def check_id(v: Any, where: str) -> str:
 def to_matrix(rows: list[Any], dim: int, what: str) -> np.ndarray:
     """A list of vectors -> float32 (n, dim); errors name the offending row."""
     try:
-        arr = np.array(rows, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            arr = np.array(rows, dtype=np.float32)
         ok = arr.ndim == 2 and arr.shape[1] == dim
     except (ValueError, TypeError, OverflowError):
         ok = False

@@ -26,7 +26,7 @@ MISSING: Any = object()
 
 EXACT_MAX_ROWS = 10_000  # filtered searches that leave at most this many rows are answered exactly
 EXACT_MAX_FRACTION = 0.02
-PQ_RERANK = 4
+PQ_RERANK = 10  # IVF-PQ candidates per result, re-ranked exactly with the stored vectors
 
 
 class Grow:
