@@ -149,7 +149,7 @@ def _bind(
                 principal_id=principal_id,
                 project_id=item.project_id,
                 role=resolved.stored,
-                cluster_ids=sorted(item.cluster_ids) if item.cluster_ids is not None else None,
+                cluster_ids=sorted(set(item.cluster_ids)) if item.cluster_ids is not None else None,
             )
         )
 
@@ -596,12 +596,27 @@ async def revoke_api_key(session: AsyncSession, subject: AuthSubject, key_id: st
     return key
 
 
+async def _require_can_hold(session: AsyncSession, subject: AuthSubject, key: ApiKey) -> None:
+    """Rotating hands out the key's new secret, so it needs what minting the key would need: no taking over a key
+    more privileged than yourself."""
+    if key.org_role:
+        privileges = (await resolve_role(session, key.org_id, key.org_role, "org")).privileges
+        if not subject.can_grant_org_role(key.org_id, privileges):
+            raise Forbidden(f"API key {key.id} holds privileges you do not have", code="forbidden")
+    for b in (await repo.bindings_in_org(session, key.org_id, "api_key", [key.id]))[key.id]:
+        privileges = (await resolve_role(session, key.org_id, b.role, "project")).privileges
+        clusters = frozenset(b.cluster_ids) if b.cluster_ids is not None else None
+        if not subject.can_grant_project_role(key.org_id, b.project_id, privileges, clusters):
+            raise Forbidden(f"API key {key.id} holds privileges you do not have", code="forbidden")
+
+
 async def rotate_api_key(
     session: AsyncSession, subject: AuthSubject, key_id: str, grace_seconds: int
 ) -> tuple[ApiKey, str]:
     key = await get_api_key(session, subject, key_id)
     if key.revoked_at is not None:
         raise Conflict(f"API key {key_id} is revoked", code="api_key_revoked")
+    await _require_can_hold(session, subject, key)
     now = utcnow()
     secret = make_api_key(key.id)
     key.previous_secret_hash = key.secret_hash if grace_seconds > 0 else None
