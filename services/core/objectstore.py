@@ -147,9 +147,7 @@ class S3ObjectStore:
             "s3",
             endpoint_url=endpoint_url,
             region_name=region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(
-                connect_timeout=10, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"}
-            ),
+            config=Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"}),
         )
 
     def _key(self, key: str) -> str:

@@ -21,12 +21,8 @@ def serve(
     data_dir: Path = typer.Option(..., "--data-dir", help="Folder holding this worker's encrypted data"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8700, "--port"),
-    seal_rows: int = typer.Option(
-        100_000, "--seal-rows", help="Rows after which the growing segment is sealed"
-    ),
-    idle_seal_seconds: float = typer.Option(
-        1.0, "--idle-seal-seconds", help="Seal after this long without writes"
-    ),
+    seal_rows: int = typer.Option(100_000, "--seal-rows", help="Rows after which the growing segment is sealed"),
+    idle_seal_seconds: float = typer.Option(1.0, "--idle-seal-seconds", help="Seal after this long without writes"),
     build_threads: int = typer.Option(0, "--build-threads", help="Threads for index builds (0: all cores)"),
     search_threads: int = typer.Option(0, "--search-threads", help="Search pool size (0: cores, at least 2)"),
     max_segments: int = typer.Option(8, "--max-segments", help="Merge sealed segments beyond this many"),

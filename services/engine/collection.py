@@ -75,9 +75,7 @@ def _normalize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Collection:
-    def __init__(
-        self, cfg: CollectionConfig, root: Path, data_dir: Path, cipher: DataCipher, settings: Settings
-    ):
+    def __init__(self, cfg: CollectionConfig, root: Path, data_dir: Path, cipher: DataCipher, settings: Settings):
         self.cfg = cfg
         self.root = root
         self.rel = root.relative_to(data_dir).as_posix()
@@ -116,9 +114,7 @@ class Collection:
             if s.file is None:
                 continue
             dead = np.flatnonzero(s.del_ver.view(s.n) != LIVE).astype(np.int32)
-            segs.append(
-                {"no": s.seg_no, "file": s.file, "n": s.n, "dead": base64.b64encode(dead.tobytes()).decode()}
-            )
+            segs.append({"no": s.seg_no, "file": s.file, "n": s.n, "dead": base64.b64encode(dead.tobytes()).decode()})
         doc = {
             "version": 1,
             "segments": segs,
@@ -216,14 +212,12 @@ class Collection:
             self._new_wal()
         else:
             last = self.wal_files[-1]
-            self.wal = WalWriter(
-                self.root / last, self.cipher, self.aad(last), valid_length=valid_len, records=records
-            )
+            self.wal = WalWriter(self.root / last, self.cipher, self.aad(last), valid_length=valid_len, records=records)
         self.growing.wal_files = list(self.wal_files)
         referenced = {"MANIFEST.enc", *self.wal_files, *(s.file for s in segments if s.file)}
-        for p in self.root.iterdir():
-            if p.name not in referenced:
-                p.unlink(missing_ok=True)
+        for f in self.root.iterdir():
+            if f.name not in referenced:
+                f.unlink(missing_ok=True)
 
     def close(self) -> None:
         with self.write_lock:
@@ -308,11 +302,7 @@ class Collection:
             self._check_open()
             if flt is not None:
                 view = self.view()
-                ids = [
-                    rid
-                    for seg, rows in self._matching(view, flt)
-                    for rid in (seg.ids[r] for r in rows.tolist())
-                ]
+                ids = [rid for seg, rows in self._matching(view, flt) for rid in (seg.ids[r] for r in rows.tolist())]
             assert ids is not None
             present = [rid for rid in dict.fromkeys(ids) if rid in self.id_map]
             if not present:
@@ -393,18 +383,14 @@ class Collection:
         expect_object(body, {"filter", "limit", "cursor", "include_vectors", "include_metadata"})
         limit = body.get("limit", 100)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_QUERY_LIMIT:
-            raise BadRequest(
-                f"body.limit must be an integer between 1 and {MAX_QUERY_LIMIT}", code="validation_error"
-            )
+            raise BadRequest(f"body.limit must be an integer between 1 and {MAX_QUERY_LIMIT}", code="validation_error")
         cursor = body.get("cursor")
         after = ""
         if cursor is not None:
             try:
                 after = base64.urlsafe_b64decode(cursor.encode()).decode()
             except Exception as exc:
-                raise BadRequest(
-                    "body.cursor is not a cursor returned by this API", code="invalid_cursor"
-                ) from exc
+                raise BadRequest("body.cursor is not a cursor returned by this API", code="invalid_cursor") from exc
         inc_v = body.get("include_vectors", False)
         if not isinstance(inc_v, bool):
             raise BadRequest("body.include_vectors must be a boolean", code="validation_error")
@@ -430,9 +416,7 @@ class Collection:
         doc = expect_object(doc, allowed)
         top_k = doc.get("top_k", 10)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-            raise BadRequest(
-                f"body.top_k must be an integer between 1 and {MAX_TOP_K}", code="validation_error"
-            )
+            raise BadRequest(f"body.top_k must be an integer between 1 and {MAX_TOP_K}", code="validation_error")
         given = [k for k in ("vector", "vectors", "text") if doc.get(k) is not None]
         d = self.cfg.dimension
         q: np.ndarray | None = None
@@ -442,9 +426,7 @@ class Collection:
             if doc.get("vector") is None or text is None:
                 raise BadRequest("hybrid search needs both 'vector' and 'text'", code="validation_error")
         elif len(given) != 1:
-            raise BadRequest(
-                "body needs exactly one of 'vector', 'vectors' or 'text'", code="validation_error"
-            )
+            raise BadRequest("body needs exactly one of 'vector', 'vectors' or 'text'", code="validation_error")
         if doc.get("vector") is not None:
             q = to_matrix([doc["vector"]], d, "vector")
         elif doc.get("vectors") is not None:
@@ -481,7 +463,7 @@ class Collection:
         if not isinstance(inc_m, bool) or not isinstance(inc_v, bool):
             raise BadRequest("include_metadata/include_vectors must be booleans", code="validation_error")
         flt = compile_filter(doc["filter"], self.cfg) if doc.get("filter") is not None else None
-        fusion = {"method": "rrf", "weights": None}
+        fusion: dict[str, Any] = {"method": "rrf", "weights": None}
         if hybrid and doc.get("fusion") is not None:
             fdoc = expect_object(doc["fusion"], {"method", "weights", "k"}, "body.fusion")
             method = fdoc.get("method", "rrf")
@@ -514,8 +496,8 @@ class Collection:
     ) -> list[list[tuple[float, Segment, int]]]:
         view = self.view()
         nq = len(q)
-        Ds: list[np.ndarray] = []
-        Is: list[np.ndarray] = []
+        dists: list[np.ndarray] = []
+        labs: list[np.ndarray] = []
         segs: list[Segment] = []
         scanned = 0
         for seg, n, dead in view.parts:
@@ -526,29 +508,29 @@ class Collection:
             if allowed == 0:
                 continue
             scanned += n
-            D, I = seg.search(q, k, n, mask, allowed, ef, nprobe)
-            if D.shape[1] == 0:
+            dist, lab = seg.search(q, k, n, mask, allowed, ef, nprobe)
+            if dist.shape[1] == 0:
                 continue
-            Ds.append(D)
-            Is.append(I.astype(np.int64) | (np.int64(len(segs)) << SEG_SHIFT))
+            dists.append(dist)
+            labs.append(lab.astype(np.int64) | (np.int64(len(segs)) << SEG_SHIFT))
             segs.append(seg)
         self.read_units += nq * max(1, -(-scanned // READ_UNIT_VECTORS))
-        if not Ds:
+        if not dists:
             return [[] for _ in range(nq)]
-        D = np.concatenate(Ds, axis=1) if len(Ds) > 1 else Ds[0]
-        I = np.concatenate(Is, axis=1) if len(Is) > 1 else Is[0]
+        dist = np.concatenate(dists, axis=1) if len(dists) > 1 else dists[0]
+        lab = np.concatenate(labs, axis=1) if len(labs) > 1 else labs[0]
         lower_better = self.cfg.metric == "l2"
-        D = np.where((I & ROW_MASK) == ROW_MASK, np.inf if lower_better else -np.inf, D)  # -1 labels
-        if len(Ds) > 1 or D.shape[1] > k:
-            order = np.argsort(D if lower_better else -D, axis=1, kind="stable")[:, :k]
-            D = np.take_along_axis(D, order, axis=1)
-            I = np.take_along_axis(I, order, axis=1)
+        dist = np.where((lab & ROW_MASK) == ROW_MASK, np.inf if lower_better else -np.inf, dist)  # -1 labels
+        if len(dists) > 1 or dist.shape[1] > k:
+            order = np.argsort(dist if lower_better else -dist, axis=1, kind="stable")[:, :k]
+            dist = np.take_along_axis(dist, order, axis=1)
+            lab = np.take_along_axis(lab, order, axis=1)
         out = []
-        Dl = D.tolist()
-        Il = I.tolist()
+        dist_l = dist.tolist()
+        lab_l = lab.tolist()
         for qi in range(nq):
             row = []
-            for s, key in zip(Dl[qi], Il[qi], strict=True):
+            for s, key in zip(dist_l[qi], lab_l[qi], strict=True):
                 r = key & ROW_MASK
                 if r == ROW_MASK or not np.isfinite(s):
                     continue
@@ -851,9 +833,7 @@ class Collection:
                 files[s.file] = (self.root / s.file).stat().st_size
         for w in self.wal_files:
             files[w] = (
-                self.wal.size
-                if self.wal is not None and self.wal.path.name == w
-                else (self.root / w).stat().st_size
+                self.wal.size if self.wal is not None and self.wal.path.name == w else (self.root / w).stat().st_size
             )
         self.pins += 1
         return dict(self.manifest_doc), files

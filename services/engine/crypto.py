@@ -144,9 +144,7 @@ class DataCipher:
                 try:
                     pt = self._aead.decrypt(nonce, ct, self._chunk_aad(aad, header, i, final))
                 except InvalidTag as exc:
-                    raise CorruptionError(
-                        f"{path.name}: authentication failed (tampered or wrong key)"
-                    ) from exc
+                    raise CorruptionError(f"{path.name}: authentication failed (tampered or wrong key)") from exc
                 if pos + len(pt) > total:
                     raise CorruptionError(f"{path.name}: longer than its header says")
                 out[pos : pos + len(pt)] = np.frombuffer(pt, dtype=np.uint8)

@@ -56,9 +56,7 @@ class Engine:
         (self.data_dir / "collections").mkdir(exist_ok=True)
         self._load()
         if background:
-            self._thread = threading.Thread(
-                target=self._maintenance_loop, name="vecta-maintenance", daemon=True
-            )
+            self._thread = threading.Thread(target=self._maintenance_loop, name="vecta-maintenance", daemon=True)
             self._thread.start()
 
     def _load(self) -> None:
@@ -69,9 +67,7 @@ class Engine:
             configs = [CollectionConfig.from_json(c) for c in doc["collections"]]
         known = set()
         for cfg in configs:
-            coll = Collection(
-                cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings
-            )
+            coll = Collection(cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings)
             coll.open()
             self.collections[cfg.name] = coll
             known.add(cfg.cid)
@@ -96,9 +92,7 @@ class Engine:
             if cfg.name in self.collections:
                 raise Conflict(f"collection {cfg.name!r} already exists", code="collection_exists")
             cfg.cid = "c_" + secrets.token_hex(8)
-            coll = Collection(
-                cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings
-            )
+            coll = Collection(cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings)
             coll.create()
             self.collections[cfg.name] = coll
             try:
@@ -227,9 +221,7 @@ class Engine:
         """Load a snapshot into this (empty) engine."""
         with self.catalog_lock:
             if self.collections:
-                raise Conflict(
-                    "restore needs an empty engine; drop its collections first", code="engine_not_empty"
-                )
+                raise Conflict("restore needs an empty engine; drop its collections first", code="engine_not_empty")
             try:
                 index = orjson.loads(self.cipher.open(store.get_bytes(SNAPSHOT_INDEX), b"vecta|snapshot"))
             except CorruptionError as exc:
@@ -250,27 +242,19 @@ class Engine:
                     cdir = stage / "collections" / cfg_doc["cid"]
                     rel = f"collections/{cfg_doc['cid']}"
                     aad = f"vecta|{rel}/".encode()
-                    manifest = self.cipher.open(
-                        (cdir / "MANIFEST.snapshot").read_bytes(), aad + b"MANIFEST.snapshot"
-                    )
+                    manifest = self.cipher.open((cdir / "MANIFEST.snapshot").read_bytes(), aad + b"MANIFEST.snapshot")
                     (cdir / "MANIFEST.snapshot").unlink()
                     self.cipher.write_file(cdir / "MANIFEST.enc", [manifest], aad + b"MANIFEST.enc")
-                self.cipher.write_file(
-                    stage / CATALOG, [orjson.dumps(index["catalog"])], b"vecta|" + CATALOG.encode()
-                )
+                self.cipher.write_file(stage / CATALOG, [orjson.dumps(index["catalog"])], b"vecta|" + CATALOG.encode())
                 # move into place: collections first, the catalog last (it is what makes them exist)
                 (self.data_dir / "collections").mkdir(exist_ok=True)
                 for cfg_doc in index["catalog"]["collections"]:
-                    os.replace(
-                        stage / "collections" / cfg_doc["cid"], self.data_dir / "collections" / cfg_doc["cid"]
-                    )
+                    os.replace(stage / "collections" / cfg_doc["cid"], self.data_dir / "collections" / cfg_doc["cid"])
                 os.replace(stage / CATALOG, self.data_dir / CATALOG)
             except ObjectStoreError as exc:
                 raise Unprocessable(f"snapshot could not be read: {exc}", code="snapshot_invalid") from exc
             except CorruptionError as exc:
-                raise Unprocessable(
-                    f"snapshot failed authentication: {exc}", code="snapshot_invalid"
-                ) from exc
+                raise Unprocessable(f"snapshot failed authentication: {exc}", code="snapshot_invalid") from exc
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
             self._load()

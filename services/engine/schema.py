@@ -118,9 +118,7 @@ class CollectionConfig:
             metric=d["metric"],
             index_type=d["index"]["type"],
             index_params=dict(d["index"]["params"]),
-            fields={
-                f["name"]: FieldSpec(f["name"], f["type"], bool(f.get("indexed", True))) for f in d["fields"]
-            },
+            fields={f["name"]: FieldSpec(f["name"], f["type"], bool(f.get("indexed", True))) for f in d["fields"]},
             text_field=d.get("text_field"),
             cid=d["cid"],
             created_at=d["created_at"],
@@ -164,9 +162,7 @@ def parse_collection(doc: Any) -> CollectionConfig:
         )
     fields_doc = doc.get("fields") or []
     if not isinstance(fields_doc, list) or len(fields_doc) > MAX_FIELDS:
-        raise BadRequest(
-            f"body.fields must be a list of at most {MAX_FIELDS} fields", code="validation_error"
-        )
+        raise BadRequest(f"body.fields must be a list of at most {MAX_FIELDS} fields", code="validation_error")
     fields: dict[str, FieldSpec] = {}
     for i, f in enumerate(fields_doc):
         f = expect_object(f, {"name", "type", "indexed"}, f"body.fields[{i}]")
@@ -177,9 +173,7 @@ def parse_collection(doc: Any) -> CollectionConfig:
             raise BadRequest(f"body.fields[{i}].name {fname!r} is declared twice", code="validation_error")
         ftype = f.get("type")
         if ftype not in FIELD_TYPES:
-            raise BadRequest(
-                f"body.fields[{i}].type must be one of {list(FIELD_TYPES)}", code="validation_error"
-            )
+            raise BadRequest(f"body.fields[{i}].type must be one of {list(FIELD_TYPES)}", code="validation_error")
         indexed = f.get("indexed", True)
         if not isinstance(indexed, bool):
             raise BadRequest(f"body.fields[{i}].indexed must be a boolean", code="validation_error")
@@ -304,9 +298,7 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
                 raise BadRequest(f"records[{i}]: unknown field {k!r}", code="unknown_field")
         rid = check_id(r.get("id"), f"records[{i}]")
         if rid in seen:
-            raise Unprocessable(
-                f"records[{i}]: id {rid!r} appears more than once in the batch", code="duplicate_id"
-            )
+            raise Unprocessable(f"records[{i}]: id {rid!r} appears more than once in the batch", code="duplicate_id")
         seen.add(rid)
         ids.append(rid)
         if "vector" not in r:
@@ -315,9 +307,7 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
         md = r.get("metadata")
         if md is not None:
             if not isinstance(md, dict):
-                raise BadRequest(
-                    f"records[{i}] ({rid!r}): metadata must be an object", code="validation_error"
-                )
+                raise BadRequest(f"records[{i}] ({rid!r}): metadata must be an object", code="validation_error")
             for key, val in md.items():
                 f = fields.get(key)
                 if f is None:
@@ -339,9 +329,7 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
             if not isinstance(t, str):
                 raise BadRequest(f"records[{i}] ({rid!r}): text must be a string", code="type_mismatch")
             if len(t) > MAX_TEXT_LEN:
-                raise BadRequest(
-                    f"records[{i}] ({rid!r}): text longer than {MAX_TEXT_LEN}", code="validation_error"
-                )
+                raise BadRequest(f"records[{i}] ({rid!r}): text longer than {MAX_TEXT_LEN}", code="validation_error")
         if texts is not None:
             texts.append(t)
     vectors = to_matrix(vecs, cfg.dimension, "records[{i}]")
@@ -442,25 +430,17 @@ def _check_operand(ftype: str, op: str, v: Any, where: str) -> Any:
         return v
     if op in ("$in", "$nin"):
         if not isinstance(v, list) or len(v) > MAX_IDS:
-            raise BadRequest(
-                f"filter {where}.{op} must be a list (at most {MAX_IDS} values)", code="invalid_filter"
-            )
+            raise BadRequest(f"filter {where}.{op} must be a list (at most {MAX_IDS} values)", code="invalid_filter")
         return [_check_scalar(ftype, op, x, f"{where}.{op}[{i}]") for i, x in enumerate(v)]
     if op in _CMP:
         if ftype not in ("int", "float"):
-            raise BadRequest(
-                f"filter {where}: {op} needs a numeric field, {where} is {ftype}", code="invalid_filter"
-            )
+            raise BadRequest(f"filter {where}: {op} needs a numeric field, {where} is {ftype}", code="invalid_filter")
     return _check_scalar(ftype, op, v, f"{where}.{op}")
 
 
 def _check_scalar(ftype: str, op: str, v: Any, where: str) -> Any:
     if ftype in ("int", "float"):
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, int | float)
-            or (isinstance(v, float) and not math.isfinite(v))
-        ):
+        if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not math.isfinite(v)):
             raise BadRequest(f"filter {where}: expected a number for a {ftype} field", code="invalid_filter")
     elif ftype == "bool":
         if not isinstance(v, bool):

@@ -14,12 +14,14 @@ import math
 import struct
 from typing import Any
 
-import faiss
+import faiss as _faiss
 import numpy as np
 import orjson
 
 from .schema import CollectionConfig
 from .text import TextIndex
+
+faiss: Any = _faiss  # the bundled stubs lag behind the SWIG API (selectors, search parameters)
 
 LIVE = np.iinfo(np.int64).max
 MISSING: Any = object()
@@ -420,9 +422,7 @@ def build_index(cfg: CollectionConfig, vectors: np.ndarray, threads: int) -> tup
     if kind == "ivf_flat":
         index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
     else:
-        index = faiss.IndexIVFPQ(
-            quantizer, d, nlist, int(params.get("m", 8)), int(params.get("nbits", 8)), metric
-        )
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, int(params.get("m", 8)), int(params.get("nbits", 8)), metric)
     rng = np.random.default_rng(1234)
     sample = vectors if n <= 100_000 else vectors[np.sort(rng.choice(n, 100_000, replace=False))]
     index.cp.seed = 1234
@@ -543,56 +543,51 @@ class Segment:
         frac = allowed / n
         idx = self.index
         exact = idx is None or (
-            mask is not None
-            and self.index_kind != "flat"
-            and (allowed <= EXACT_MAX_ROWS or frac <= EXACT_MAX_FRACTION)
+            mask is not None and self.index_kind != "flat" and (allowed <= EXACT_MAX_ROWS or frac <= EXACT_MAX_FRACTION)
         )
         if exact:
             X = self.vectors(n)
             if mask is not None:
                 rows = np.flatnonzero(mask)
                 kk = min(k, len(rows))
-                D, I = faiss.knn(queries, X[rows], kk, metric=metric)
-                return D, np.where(I >= 0, rows[np.maximum(I, 0)], -1)
+                dist, lab = faiss.knn(queries, X[rows], kk, metric=metric)
+                return dist, np.where(lab >= 0, rows[np.maximum(lab, 0)], -1)
             kk = min(k, n)
-            D, I = faiss.knn(queries, X, kk, metric=metric)
-            return D, I.astype(np.int64)
+            dist, lab = faiss.knn(queries, X, kk, metric=metric)
+            return dist, lab.astype(np.int64)
         sel = None
         bits = None
         if mask is not None:
             bits = self._bitmap(mask)
             sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
         kk = min(k, allowed)
+        assert idx is not None
         if self.index_kind == "hnsw":
             e = max(ef or 64, kk)
             if mask is not None:
                 e = min(max(e, int(e / max(frac, 1e-6))), 4096)
             params: Any = (
-                faiss.SearchParametersHNSW(sel=sel, efSearch=e)
-                if sel
-                else faiss.SearchParametersHNSW(efSearch=e)
+                faiss.SearchParametersHNSW(sel=sel, efSearch=e) if sel else faiss.SearchParametersHNSW(efSearch=e)
             )
         elif self.index_kind in ("ivf_flat", "ivf_pq"):
             nlist = idx.nlist
             p = nprobe or max(1, min(nlist, 10))
             if mask is not None:
-                p = min(nlist, int(math.ceil(p / max(frac, 1e-6) ** 0.5)))
-            params = (
-                faiss.SearchParametersIVF(sel=sel, nprobe=p) if sel else faiss.SearchParametersIVF(nprobe=p)
-            )
+                p = min(nlist, math.ceil(p / max(frac, 1e-6) ** 0.5))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=p) if sel else faiss.SearchParametersIVF(nprobe=p)
         else:
             params = faiss.SearchParameters(sel=sel) if sel else None
         fetch = kk * PQ_RERANK if self.index_kind == "ivf_pq" else kk
-        D, I = idx.search(queries, min(fetch, n), params=params)
+        dist, lab = idx.search(queries, min(fetch, n), params=params)
         del bits
         if self.index_kind == "ivf_pq":
-            D, I = self._rerank(queries, I, kk)
-        return D, I
+            dist, lab = self._rerank(queries, lab, kk)
+        return dist, lab
 
     def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         X = self.vectors(self.n)
-        outD = np.full((len(queries), k), np.nan, dtype=np.float32)
-        outI = np.full((len(queries), k), -1, dtype=np.int64)
+        out_d = np.full((len(queries), k), np.nan, dtype=np.float32)
+        out_i = np.full((len(queries), k), -1, dtype=np.int64)
         l2 = self.cfg.metric == "l2"
         for qi in range(len(queries)):
             c = cand[qi]
@@ -602,9 +597,9 @@ class Segment:
             V = X[c]
             s = ((V - queries[qi]) ** 2).sum(1) if l2 else V @ queries[qi]
             order = np.argsort(s if l2 else -s, kind="stable")[:k]
-            outD[qi, : len(order)] = s[order]
-            outI[qi, : len(order)] = c[order]
-        return outD, outI
+            out_d[qi, : len(order)] = s[order]
+            out_i[qi, : len(order)] = c[order]
+        return out_d, out_i
 
     def metadata(self, row: int) -> dict[str, Any]:
         out = {}
@@ -707,7 +702,7 @@ def segment_parts(seg: Segment) -> list[bytes | memoryview]:
     }
     hb = orjson.dumps(header)
     parts: list[bytes | memoryview] = [struct.pack("<Q", len(hb)), hb]
-    parts.extend(memoryview(b).cast("B") for b in blobs)
+    parts.extend(memoryview(b.reshape(-1).view(np.uint8).data) for b in blobs)
     return parts
 
 

@@ -173,9 +173,7 @@ class EngineApp:
             if auth is None or not hmac.compare_digest(auth, self._expected):
                 raise Unauthorized()
             if clen is not None and clen.isdigit() and int(clen) > self.max_body:
-                raise PayloadTooLarge(
-                    f"request body is larger than {self.max_body} bytes", code="body_too_large"
-                )
+                raise PayloadTooLarge(f"request body is larger than {self.max_body} bytes", code="body_too_large")
             route, result, status = await self._route(path, method, scope, receive)
             if isinstance(result, tuple):  # (content type, raw bytes)
                 await self._send(send, status, result[1], [(b"content-type", result[0])])
@@ -221,9 +219,7 @@ class EngineApp:
             b = msg.get("body", b"")
             size += len(b)
             if size > self.max_body:
-                raise PayloadTooLarge(
-                    f"request body is larger than {self.max_body} bytes", code="body_too_large"
-                )
+                raise PayloadTooLarge(f"request body is larger than {self.max_body} bytes", code="body_too_large")
             chunks.append(b)
             if not msg.get("more_body"):
                 return b"".join(chunks)
@@ -237,18 +233,14 @@ class EngineApp:
                 return
 
     # ------------------------------------------------------------------------------------------------------
-    async def _route(
-        self, path: str, method: str, scope: dict[str, Any], receive: Receive
-    ) -> tuple[str, Any, int]:
+    async def _route(self, path: str, method: str, scope: dict[str, Any], receive: Receive) -> tuple[str, Any, int]:
         parts = path.strip("/").split("/")
         loop = asyncio.get_running_loop()
         eng = self.engine
         if len(parts) >= 2 and parts[0] == "v1" and parts[1] == "collections":
             if len(parts) == 4 and parts[3] in ACTIONS:
                 if method != "POST":
-                    raise MethodNotAllowed(
-                        f"{method} is not allowed here; use POST", code="method_not_allowed"
-                    )
+                    raise MethodNotAllowed(f"{method} is not allowed here; use POST", code="method_not_allowed")
                 action = parts[3]
                 coll = eng.get(parts[2])
                 self._check_json(scope)
@@ -305,9 +297,7 @@ class EngineApp:
             return "metrics", (CONTENT_TYPE_LATEST.encode(), self._metrics_text()), 200
         raise NotFound(f"no route for {method} {path}", code="route_not_found")
 
-    async def _internal(
-        self, name: str, method: str, scope: dict[str, Any], receive: Receive
-    ) -> tuple[str, Any, int]:
+    async def _internal(self, name: str, method: str, scope: dict[str, Any], receive: Receive) -> tuple[str, Any, int]:
         loop = asyncio.get_running_loop()
         eng = self.engine
         if name == "stats" and method == "GET":

@@ -93,9 +93,7 @@ class TextIndex:
             self.frozen[term] = (np.array(rows, dtype=np.int32), np.array(tfs, dtype=np.int32))
         self.growing = {}
 
-    def score(
-        self, terms: list[str], n: int, idf: dict[str, float], avgdl: float
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, terms: list[str], n: int, idf: dict[str, float], avgdl: float) -> tuple[np.ndarray, np.ndarray]:
         """BM25 scores of the rows < n that contain any query term: (rows, scores)."""
         if n == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)

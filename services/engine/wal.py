@@ -45,9 +45,7 @@ def read_wal(path: Path, cipher: DataCipher, aad: bytes) -> tuple[list[bytes], i
         if bad:
             if end >= n or not data[pos:].strip(b"\x00"):
                 return out, pos, True
-            raise CorruptionError(
-                f"{path.name}: corrupt record #{len(out)} at offset {pos} followed by more data"
-            )
+            raise CorruptionError(f"{path.name}: corrupt record #{len(out)} at offset {pos} followed by more data")
         body = data[pos + _FRAME.size : end]
         out.append(cipher.open(body, _aad(aad, len(out))))
         pos = end
@@ -55,9 +53,7 @@ def read_wal(path: Path, cipher: DataCipher, aad: bytes) -> tuple[list[bytes], i
 
 
 class WalWriter:
-    def __init__(
-        self, path: Path, cipher: DataCipher, aad: bytes, *, valid_length: int, records: int
-    ) -> None:
+    def __init__(self, path: Path, cipher: DataCipher, aad: bytes, *, valid_length: int, records: int) -> None:
         self.path = path
         self._cipher = cipher
         self._aad = aad

@@ -44,16 +44,30 @@ def make_engine(tmp_path: Path, key: bytes) -> Iterator:
         e.close()
 
 
-def create(eng: Engine, name: str = "docs", dim: int = 16, metric: str = "cosine", index: dict | None = None,
-           fields: list | None = None, text_field: str | None = None) -> Collection:
-    doc = {"name": name, "dimension": dim, "metric": metric, "index": index or {"type": "flat"},
-           "fields": fields or [], "text_field": text_field}
+def create(
+    eng: Engine,
+    name: str = "docs",
+    dim: int = 16,
+    metric: str = "cosine",
+    index: dict | None = None,
+    fields: list | None = None,
+    text_field: str | None = None,
+) -> Collection:
+    doc = {
+        "name": name,
+        "dimension": dim,
+        "metric": metric,
+        "index": index or {"type": "flat"},
+        "fields": fields or [],
+        "text_field": text_field,
+    }
     return eng.create_collection(parse_collection(doc))
 
 
 def upsert(coll: Collection, records: list[dict]) -> int:
-    return coll.upsert(parse_upsert(orjson.dumps(records and {"records": records}, option=orjson.OPT_SERIALIZE_NUMPY),
-                                    coll.cfg))
+    return coll.upsert(
+        parse_upsert(orjson.dumps(records and {"records": records}, option=orjson.OPT_SERIALIZE_NUMPY), coll.cfg)
+    )
 
 
 def search_ids(coll: Collection, body: dict) -> list:
@@ -80,8 +94,9 @@ def app_client(make_engine) -> Iterator:
     eng = make_engine()
     asgi = EngineApp(eng, TOKEN, manage_lifespan=False)
     transport = httpx.ASGITransport(app=asgi)
-    client = httpx.AsyncClient(transport=transport, base_url="http://engine",
-                               headers={"Authorization": f"Bearer {TOKEN}"})
+    client = httpx.AsyncClient(
+        transport=transport, base_url="http://engine", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     yield client, eng
     asgi.shutdown_pools()
 
@@ -108,12 +123,30 @@ class EngineProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         self.port = free_port()
-        env = dict(os.environ, VECTA_ENGINE_TOKEN=TOKEN, VECTA_ENGINE_DATA_KEY=base64.b64encode(self.key).decode(),
-                   **self.env_extra)
+        env = dict(
+            os.environ,
+            VECTA_ENGINE_TOKEN=TOKEN,
+            VECTA_ENGINE_DATA_KEY=base64.b64encode(self.key).decode(),
+            **self.env_extra,
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.engine", "serve", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), *self.extra],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "services.engine",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *self.extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -23,8 +23,16 @@ def test_acknowledged_upserts_survive_sigkill(tmp_path, key):
     proc = EngineProcess(tmp_path / "data", key, "--seal-rows", "300", "--idle-seal-seconds", "0.3")
     proc.start()
     with proc.client() as c:
-        r = c.post("/v1/collections", json={"name": "crash", "dimension": DIM, "metric": "l2",
-                                            "index": {"type": "hnsw"}, "fields": [{"name": "v", "type": "int"}]})
+        r = c.post(
+            "/v1/collections",
+            json={
+                "name": "crash",
+                "dimension": DIM,
+                "metric": "l2",
+                "index": {"type": "hnsw"},
+                "fields": [{"name": "v", "type": "int"}],
+            },
+        )
         assert r.status_code == 201, r.text
     acked: dict[str, int] = {}  # id -> latest acknowledged version
     inflight: dict[str, set[int]] = {}  # id -> versions sent but not acknowledged (may or may not survive)
@@ -34,7 +42,7 @@ def test_acknowledged_upserts_survive_sigkill(tmp_path, key):
         for round_ in range(4):
             stop = threading.Event()
 
-            def writer() -> None:
+            def writer(stop: threading.Event = stop) -> None:
                 nonlocal version
                 with proc.client() as c:
                     while not stop.is_set():
@@ -95,6 +103,11 @@ def test_refuses_to_start_without_secrets(tmp_path):
     cmd = [sys.executable, "-m", "services.engine", "serve", "--data-dir", str(tmp_path), "--port", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env=base, capture_output=True, timeout=60)
     assert r.returncode != 0 and b"VECTA_ENGINE_TOKEN" in r.stderr
-    r = subprocess.run(cmd, cwd=ROOT, env={**base, "VECTA_ENGINE_TOKEN": "t", "VECTA_ENGINE_DATA_KEY": "c2hvcnQ="},
-                       capture_output=True, timeout=60)
+    r = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**base, "VECTA_ENGINE_TOKEN": "t", "VECTA_ENGINE_DATA_KEY": "c2hvcnQ="},
+        capture_output=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and b"32 bytes" in r.stderr

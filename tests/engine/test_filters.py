@@ -11,8 +11,14 @@ from .conftest import brute_force, create, search_ids, upsert
 
 GENRES = ["rock", "jazz", "pop", "folk"]
 TAGS = ["a", "b", "c", "d", "e"]
-FIELDS = [{"name": "genre", "type": "string"}, {"name": "year", "type": "int"}, {"name": "score", "type": "float"},
-          {"name": "live", "type": "bool"}, {"name": "tags", "type": "string[]"}, {"name": "extra", "type": "json"}]
+FIELDS = [
+    {"name": "genre", "type": "string"},
+    {"name": "year", "type": "int"},
+    {"name": "score", "type": "float"},
+    {"name": "live", "type": "bool"},
+    {"name": "tags", "type": "string[]"},
+    {"name": "extra", "type": "json"},
+]
 N, D = 1500, 12
 
 
@@ -64,8 +70,17 @@ def _field(md: dict, key: str, ops: dict) -> bool:
             elif isinstance(v, list):
                 hit = any(e in vals for e in v)
             else:
-                hit = any(v == e and type(v) is type(e) or (isinstance(v, int | float) and not isinstance(v, bool)
-                          and isinstance(e, int | float) and not isinstance(e, bool) and v == e) for e in vals)
+                hit = any(
+                    (v == e and type(v) is type(e))
+                    or (
+                        isinstance(v, int | float)
+                        and not isinstance(v, bool)
+                        and isinstance(e, int | float)
+                        and not isinstance(e, bool)
+                        and v == e
+                    )
+                    for e in vals
+                )
             ok = hit if op in ("$eq", "$in") else not hit
         else:
             if not has:
@@ -77,21 +92,26 @@ def _field(md: dict, key: str, ops: dict) -> bool:
 
 
 leaf = st.one_of(
-    st.builds(lambda g: {"genre": g}, st.sampled_from(GENRES + ["none"])),
+    st.builds(lambda g: {"genre": g}, st.sampled_from([*GENRES, "none"])),
     st.builds(lambda g: {"genre": {"$in": g}}, st.lists(st.sampled_from(GENRES), min_size=1, max_size=3)),
     st.builds(lambda g: {"genre": {"$ne": g}}, st.sampled_from(GENRES)),
     st.builds(lambda g: {"genre": {"$nin": g}}, st.lists(st.sampled_from(GENRES), min_size=1, max_size=2)),
-    st.builds(lambda op, y: {"year": {op: y}}, st.sampled_from(["$gt", "$gte", "$lt", "$lte", "$eq", "$ne"]),
-              st.integers(1988, 2026)),
-    st.builds(lambda a, b: {"year": {"$gte": min(a, b), "$lt": max(a, b)}}, st.integers(1990, 2025),
-              st.integers(1990, 2025)),
+    st.builds(
+        lambda op, y: {"year": {op: y}},
+        st.sampled_from(["$gt", "$gte", "$lt", "$lte", "$eq", "$ne"]),
+        st.integers(1988, 2026),
+    ),
+    st.builds(
+        lambda a, b: {"year": {"$gte": min(a, b), "$lt": max(a, b)}}, st.integers(1990, 2025), st.integers(1990, 2025)
+    ),
     st.builds(lambda op, y: {"score": {op: y}}, st.sampled_from(["$gt", "$lte"]), st.floats(0, 1)),
     st.builds(lambda b: {"live": b}, st.booleans()),
     st.builds(lambda t: {"tags": {"$in": t}}, st.lists(st.sampled_from(TAGS), min_size=1, max_size=3)),
     st.builds(lambda t: {"tags": t}, st.sampled_from(TAGS)),
     st.builds(lambda t: {"tags": {"$nin": t}}, st.lists(st.sampled_from(TAGS), min_size=1, max_size=2)),
-    st.builds(lambda f, e: {f: {"$exists": e}}, st.sampled_from(["genre", "year", "tags", "extra", "live"]),
-              st.booleans()),
+    st.builds(
+        lambda f, e: {f: {"$exists": e}}, st.sampled_from(["genre", "year", "tags", "extra", "live"]), st.booleans()
+    ),
     st.builds(lambda y: {"year": {"$not": {"$gte": y}}}, st.integers(1990, 2025)),
 )
 filters = st.recursive(

@@ -14,9 +14,18 @@ pytestmark = pytest.mark.asyncio
 
 
 async def _mk(client, **extra):
-    body = {"name": "items", "dimension": 4, "metric": "cosine",
-            "fields": [{"name": "genre", "type": "string"}, {"name": "year", "type": "int"},
-                       {"name": "tags", "type": "string[]"}], "text_field": "body", **extra}
+    body = {
+        "name": "items",
+        "dimension": 4,
+        "metric": "cosine",
+        "fields": [
+            {"name": "genre", "type": "string"},
+            {"name": "year", "type": "int"},
+            {"name": "tags", "type": "string[]"},
+        ],
+        "text_field": "body",
+        **extra,
+    }
     r = await client.post("/v1/collections", json=body)
     assert r.status_code == 201, r.text
     return r.json()
@@ -49,14 +58,25 @@ async def test_collection_lifecycle(app_client):
     _problem(await client.post("/v1/collections", json={"name": "items", "dimension": 4}), 409, "collection_exists")
     listing = (await client.get("/v1/collections")).json()
     assert [c["name"] for c in listing["items"]] == ["items"]
-    r = await client.post("/v1/collections/items/upsert", json={"records": [
-        {"id": "a", "vector": [1, 0, 0, 0], "metadata": {"genre": "x", "year": 2020, "tags": ["t1"]}, "text": "hi"},
-        {"id": "b", "vector": [0, 1, 0, 0]},
-    ]})
+    r = await client.post(
+        "/v1/collections/items/upsert",
+        json={
+            "records": [
+                {
+                    "id": "a",
+                    "vector": [1, 0, 0, 0],
+                    "metadata": {"genre": "x", "year": 2020, "tags": ["t1"]},
+                    "text": "hi",
+                },
+                {"id": "b", "vector": [0, 1, 0, 0]},
+            ]
+        },
+    )
     assert r.json() == {"upserted_count": 2}
     assert (await client.get("/v1/collections/items")).json()["vector_count"] == 2
-    r = await client.post("/v1/collections/items/search", json={"vector": [1, 0.1, 0, 0], "top_k": 2,
-                                                                "include_metadata": True})
+    r = await client.post(
+        "/v1/collections/items/search", json={"vector": [1, 0.1, 0, 0], "top_k": 2, "include_metadata": True}
+    )
     res = r.json()["results"]
     assert [x["id"] for x in res] == ["a", "b"]
     assert res[0]["metadata"] == {"genre": "x", "year": 2020, "tags": ["t1"]}
@@ -67,7 +87,8 @@ async def test_collection_lifecycle(app_client):
     recs = r.json()["records"]
     assert len(recs) == 1 and recs[0]["id"] == "a" and np.allclose(recs[0]["vector"], [1, 0, 0, 0])
     assert (await client.post("/v1/collections/items/count", json={"filter": {"year": {"$gte": 2000}}})).json() == {
-        "count": 1}
+        "count": 1
+    }
     r = await client.post("/v1/collections/items/delete", json={"ids": ["a"]})
     assert r.json() == {"deleted_count": 1}
     assert (await client.post("/v1/collections/items/count", json={})).json() == {"count": 1}
@@ -93,13 +114,30 @@ async def test_metrics_and_stats(app_client):
 @pytest.mark.parametrize(
     ("records", "status", "code", "needle"),
     [
-        ([{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "bad", "vector": [1, 2, 3]}], 422, "dimension_mismatch",
-         "records[1]"),
-        ([{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "ok", "vector": [1, 2, 3, 4]}], 422, "duplicate_id", "records[1]"),
-        ([{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "x", "vector": [1, 2, 3, 1e39]}], 422, "invalid_vector",
-         "records[1]"),
-        ([{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "x", "vector": [1, "a", 3, 4]}], 400, "validation_error",
-         "vector[1]"),
+        (
+            [{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "bad", "vector": [1, 2, 3]}],
+            422,
+            "dimension_mismatch",
+            "records[1]",
+        ),
+        (
+            [{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "ok", "vector": [1, 2, 3, 4]}],
+            422,
+            "duplicate_id",
+            "records[1]",
+        ),
+        (
+            [{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "x", "vector": [1, 2, 3, 1e39]}],
+            422,
+            "invalid_vector",
+            "records[1]",
+        ),
+        (
+            [{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "x", "vector": [1, "a", 3, 4]}],
+            400,
+            "validation_error",
+            "vector[1]",
+        ),
         ([{"id": "ok", "vector": [1, 2, 3, 4], "metadata": {"nope": 1}}], 400, "unknown_field", "metadata.nope"),
         ([{"id": "ok", "vector": [1, 2, 3, 4], "metadata": {"year": "2020"}}], 400, "type_mismatch", "metadata.year"),
         ([{"id": "ok", "vector": [1, 2, 3, 4], "metadata": {"tags": "x"}}], 400, "type_mismatch", "metadata.tags"),
@@ -174,8 +212,9 @@ async def test_bad_collections(app_client):
     ]:
         r = await client.post("/v1/collections", json=body)
         assert needle in _problem(r, 400)["detail"]
-    r = await client.post("/v1/collections", json={"name": "x", "dimension": 10, "index": {"type": "ivf_pq",
-                                                                                            "params": {"m": 3}}})
+    r = await client.post(
+        "/v1/collections", json={"name": "x", "dimension": 10, "index": {"type": "ivf_pq", "params": {"m": 3}}}
+    )
     _problem(r, 422, "invalid_index_params")
     _problem(await client.get("/v1/nothing"), 404, "route_not_found")
     _problem(await client.get("/v1/collections/x/search"), 405, "method_not_allowed")

@@ -31,8 +31,13 @@ def test_text_search_and_hybrid(make_engine):
     X = rng.standard_normal((len(DOCS), 8)).astype(np.float32)
     eng = make_engine()
     coll = create(eng, dim=8, metric="cosine", text_field="body", fields=[{"name": "lang", "type": "string"}])
-    upsert(coll, [{"id": f"d{i}", "vector": X[i], "text": t, "metadata": {"lang": "zh" if i in (2, 5) else "en"}}
-                  for i, t in enumerate(DOCS)])
+    upsert(
+        coll,
+        [
+            {"id": f"d{i}", "vector": X[i], "text": t, "metadata": {"lang": "zh" if i in (2, 5) else "en"}}
+            for i, t in enumerate(DOCS)
+        ],
+    )
     upsert(coll, [{"id": "notext", "vector": X[0]}])
 
     def text(q, **kw):
@@ -46,8 +51,16 @@ def test_text_search_and_hybrid(make_engine):
         hyb = coll.hybrid(coll.parse_search({"vector": X[4].tolist(), "text": "quick fox", "top_k": 3}, hybrid=True))
         ids = [r["id"] for r in hyb]
         assert ids[0] == "d4" and "d0" in ids
-        w = coll.hybrid(coll.parse_search({"vector": X[3].tolist(), "text": "向量", "top_k": 2,
-                                           "fusion": {"method": "weighted", "weights": {"vector": 0.0, "text": 1.0}}},
-                                          hybrid=True))
+        w = coll.hybrid(
+            coll.parse_search(
+                {
+                    "vector": X[3].tolist(),
+                    "text": "向量",
+                    "top_k": 2,
+                    "fusion": {"method": "weighted", "weights": {"vector": 0.0, "text": 1.0}},
+                },
+                hybrid=True,
+            )
+        )
         assert w[0]["id"] == "d2"
         eng.wait_ready()

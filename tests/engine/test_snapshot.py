@@ -23,8 +23,9 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                          aws_secret_access_key="test")
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    )
     client.create_bucket(Bucket="backups")
     yield endpoint, client
     server.stop()
@@ -34,8 +35,9 @@ def _populate(eng, rng):
     X = rng.standard_normal((1500, 16)).astype(np.float32)
     a = create(eng, name="alpha", metric="l2", index={"type": "hnsw"}, fields=FIELDS, text_field="body")
     b = create(eng, name="beta", metric="cosine", index={"type": "flat"})
-    upsert(a, [{"id": f"a{i}", "vector": X[i], "metadata": {"g": "xy"[i % 2]}, "text": f"doc {i}"}
-               for i in range(1000)])
+    upsert(
+        a, [{"id": f"a{i}", "vector": X[i], "metadata": {"g": "xy"[i % 2]}, "text": f"doc {i}"} for i in range(1000)]
+    )
     eng.wait_ready()
     upsert(a, [{"id": f"a{i}", "vector": X[i], "metadata": {"g": "z"}} for i in range(1000, 1500)])  # WAL only
     a.delete({"ids": ["a3", "a1200"]})
@@ -45,11 +47,14 @@ def _populate(eng, rng):
 
 def _answers(eng, X):
     a, b = eng.get("alpha"), eng.get("beta")
-    out = [search_ids(a, {"vector": X[i].tolist(), "top_k": 5, "filter": {"g": {"$ne": "y"}}}) for i in range(0, 1500, 50)]
+    out = [
+        search_ids(a, {"vector": X[i].tolist(), "top_k": 5, "filter": {"g": {"$ne": "y"}}}) for i in range(0, 1500, 50)
+    ]
     out += [search_ids(b, {"vector": X[i].tolist(), "top_k": 5}) for i in range(0, 300, 30)]
     out.append([a.live_count(), b.live_count()])
-    out.append([r["id"] for r in a.hybrid(a.parse_search({"vector": X[0].tolist(), "text": "doc 7", "top_k": 5},
-                                                         hybrid=True))])
+    out.append(
+        [r["id"] for r in a.hybrid(a.parse_search({"vector": X[0].tolist(), "text": "doc 7", "top_k": 5}, hybrid=True))]
+    )
     return out
 
 

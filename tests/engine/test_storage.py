@@ -161,8 +161,13 @@ def test_no_plaintext_under_the_data_dir(make_engine, tmp_path):
     X = rng.standard_normal((400, 16)).astype(np.float32)
     eng = make_engine()
     coll = create(eng, metric="l2", index={"type": "hnsw"}, fields=FIELDS, text_field="body")
-    upsert(coll, [{"id": f"v{i}", "vector": X[i], "metadata": {"note": f"{secret}-{i}", "n": i},
-                   "text": f"{secret} text {i}"} for i in range(300)])
+    upsert(
+        coll,
+        [
+            {"id": f"v{i}", "vector": X[i], "metadata": {"note": f"{secret}-{i}", "n": i}, "text": f"{secret} text {i}"}
+            for i in range(300)
+        ],
+    )
     eng.wait_ready()  # some rows in segment files, others only in the WAL
     upsert(coll, [{"id": f"v{i}", "vector": X[i], "metadata": {"note": f"{secret}-{i}"}} for i in range(300, 400)])
     from services.core.objectstore import LocalObjectStore
