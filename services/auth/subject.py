@@ -114,7 +114,9 @@ class AuthSubject:
     ) -> bool:
         if cluster_ids is None:
             return privileges <= self.project_privileges(org_id, project_id)
-        return all(privileges <= self.cluster_privileges(org_id, project_id, c) for c in cluster_ids)
+        # A cluster-limited binding confers only the role's cluster privileges (see cluster_privileges).
+        granted = privileges & CLUSTER_PRIVILEGES
+        return all(granted <= self.cluster_privileges(org_id, project_id, c) for c in cluster_ids)
 
 
 def split_privileges(privileges: frozenset[str]) -> tuple[frozenset[str], frozenset[str]]:
