@@ -222,7 +222,11 @@ async def update_role(
     role = await get_custom_role(session, subject, org_id, role_id)
     subject.require_org(org_id, "role:manage")
     if body.privileges is not None:
-        role.privileges = _check_privileges(body.privileges)
+        privileges = _check_privileges(body.privileges)
+        # The role may already be granted (even to the editor): adding privileges is granting them.
+        if not subject.can_grant_org_role(org_id, frozenset(privileges) - frozenset(role.privileges)):
+            raise Forbidden("you cannot add privileges to a role that you do not have yourself", code="forbidden")
+        role.privileges = privileges
     if body.description is not None:
         role.description = body.description
     _audit(
