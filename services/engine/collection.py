@@ -720,7 +720,10 @@ class Collection:
             new = Segment(seg_no, self.cfg)
             new.growing = False
             if total:
-                vectors = np.concatenate([s.vectors(n)[r] for (s, n), r in zip(snap, live_rows, strict=True)])
+                if len(snap) == 1 and len(live_rows[0]) == snap[0][1]:
+                    vectors = snap[0][0].vectors(snap[0][1])  # one whole segment: no copy before faiss copies it
+                else:
+                    vectors = np.concatenate([s.vectors(n)[r] for (s, n), r in zip(snap, live_rows, strict=True)])
                 new.vec = None
                 new.ids = [s.ids[i] for (s, _), r in zip(snap, live_rows, strict=True) for i in r.tolist()]
                 new.norms = Grow.wrap(
@@ -742,7 +745,8 @@ class Collection:
                 new.n = total
                 new.del_ver = Grow.wrap(np.full(total, LIVE, dtype=np.int64))
                 if keep:
-                    new.vec = Grow.wrap(vectors, self.cfg.dimension)
+                    owned = vectors if vectors.base is None else vectors.copy()
+                    new.vec = Grow.wrap(owned, self.cfg.dimension)
                 new.attach_index(index, kind, keep)
                 del vectors
             else:
