@@ -8,14 +8,18 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import fastapi.routing
 from fastapi import FastAPI, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.responses import Response
 
 from services.api import errors
 from services.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from services.auth import deps as auth_deps
 from services.auth.authenticate import Authenticator
 from services.auth.endpoints import router as identity_router
 from services.control_plane.endpoints import router as control_router
@@ -145,5 +149,20 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         }
     }
     schema["security"] = [{"bearer": []}]
+    # Routes that authenticate nobody (sign-up, login, health...) say so, instead of inheriting the bearer.
+    # FastAPI >= 0.16x includes routers lazily: iter_route_contexts flattens them (older versions list them flat).
+    route: Any
+    for route in getattr(fastapi.routing, "iter_route_contexts", iter)(app.routes):
+        if not isinstance(getattr(route, "original_route", route), APIRoute) or not route.include_in_schema:
+            continue
+        if not _needs_subject(route.dependant):
+            for method in route.methods or ():
+                op = schema["paths"].get(route.path_format, {}).get(method.lower())
+                if op is not None:
+                    op["security"] = []
     app.openapi_schema = schema
     return schema
+
+
+def _needs_subject(dependant: Dependant) -> bool:
+    return any(d.call is auth_deps._subject or _needs_subject(d) for d in dependant.dependencies)

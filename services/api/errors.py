@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from services.api.middleware import route_template
 from services.core import audit
 from services.core.errors import PROBLEM_CONTENT_TYPE, Forbidden, VectaError, problem_for_status
 
@@ -62,8 +63,7 @@ async def _audit_denied(request: Request, exc: VectaError) -> None:
     subject = getattr(request.state, "subject", None)
     if subject is None:
         return
-    route = request.scope.get("route")
-    template = getattr(route, "path", request.url.path)
+    template = route_template(request.scope) or request.url.path
     params = request.path_params
     try:
         async with request.app.state.db.transaction() as session:

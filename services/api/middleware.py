@@ -58,15 +58,23 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             reset_request(token)
-            route = _route_template(scope)
+            route = route_template(scope) or "<unmatched>"
             LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
             REQUESTS.labels(scope["method"], route, str(status)).inc()
 
 
-def _route_template(scope: Scope) -> str:
-    route = scope.get("route")
-    path = getattr(route, "path_format", None) or getattr(route, "path", None)
-    return path if isinstance(path, str) else "<unmatched>"
+def route_template(scope: Scope) -> str | None:
+    """The matched route's full path template (``/v1/orgs/{org_id}``), or None when no route matched.
+
+    FastAPI >= 0.16x includes routers lazily: ``scope["route"]`` is then the route as declared in its router
+    (without the include prefix) and the full template is on the effective route context.
+    """
+    effective = (scope.get("fastapi") or {}).get("effective_route_context")
+    for candidate in (getattr(effective, "starlette_route", None), effective, scope.get("route")):
+        path = getattr(candidate, "path_format", None) or getattr(candidate, "path", None)
+        if isinstance(path, str) and path:
+            return path
+    return None
 
 
 class BodySizeLimitMiddleware:

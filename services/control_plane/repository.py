@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth.models import ApiKey, CustomRole, Membership, RoleBinding, User
@@ -88,7 +88,17 @@ async def custom_role_by_name(session: AsyncSession, org_id: str, name: str) -> 
 async def role_in_use(session: AsyncSession, role_id: str) -> bool:
     for stmt in (
         select(Membership.user_id).where(Membership.org_role == role_id).limit(1),
-        select(RoleBinding.id).where(RoleBinding.role == role_id).limit(1),
+        # A revoked API key can never be used again: its bindings do not keep a role alive.
+        select(RoleBinding.id)
+        .where(
+            RoleBinding.role == role_id,
+            ~exists().where(
+                RoleBinding.principal_type == "api_key",
+                ApiKey.id == RoleBinding.principal_id,
+                ApiKey.revoked_at.is_not(None),
+            ),
+        )
+        .limit(1),
         select(ApiKey.id).where(ApiKey.org_role == role_id, ApiKey.revoked_at.is_(None)).limit(1),
     ):
         if (await session.execute(stmt)).first() is not None:

@@ -23,10 +23,12 @@ class Page:
         if not page_token:
             return cls(limit, None)
         try:
-            after = base64.urlsafe_b64decode(page_token + "=" * (-len(page_token) % 4)).decode()
+            # validate=True: characters outside the alphabet are an error, not silently skipped.
+            padded = page_token + "=" * (-len(page_token) % 4)
+            after = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise BadRequest("page_token is not a token this API issued", code="invalid_page_token") from None
-        if not after.isprintable() or len(after) > 100:
+        if not after or not after.isprintable() or len(after) > 100:
             raise BadRequest("page_token is not a token this API issued", code="invalid_page_token")
         return cls(limit, after)
 
