@@ -63,6 +63,20 @@ from services.core.settings import get_settings, reset_settings  # noqa: E402
 reset_settings()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fast_password_hashing() -> Iterator[None]:
+    """argon2id with production parameters costs ~0.1-0.4 s a hash here; tests hash hundreds of passwords, so
+    they use the cheapest argon2id parameters (test_identity checks production parameters separately)."""
+    from argon2 import PasswordHasher
+
+    from services.auth import crypto
+
+    original = crypto._hasher
+    crypto._hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    yield
+    crypto._hasher = original
+
+
 @pytest.fixture(scope="session")
 def backend() -> str:
     return "postgresql" if PG_URL else "sqlite"

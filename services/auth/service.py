@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 
+from anyio.to_thread import run_sync as to_thread
+
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -48,7 +50,7 @@ async def create_user(session: AsyncSession, email: str, password: str, name: st
     check_password_policy(password, email)
     if await repo.user_by_email(session, email) is not None:
         raise Conflict("an account with this email already exists", code="email_taken")
-    user = User(id=new_id("usr"), email=email, name=name, password_hash=hash_password(password))
+    user = User(id=new_id("usr"), email=email, name=name, password_hash=await to_thread(hash_password, password))
     session.add(user)
     await session.flush()
     await send_verification(session, user)
@@ -105,12 +107,12 @@ async def login(session: AsyncSession, kv: KV, email: str, password: str) -> Tok
             code="login_throttled",
         )
     user = await repo.user_by_email(session, normalize_email(email))
-    if not verify_password(user.password_hash if user else None, password) or user is None:
+    if not await to_thread(verify_password, user.password_hash if user else None, password) or user is None:
         await kv.incr(key, settings.login_lockout_seconds)
         raise Unauthorized("invalid email or password", code="invalid_credentials")
     await kv.delete(key)
     if needs_rehash(user.password_hash):
-        user.password_hash = hash_password(password)
+        user.password_hash = await to_thread(hash_password, password)
     audit.record(session, action="auth.login", org_id=None, actor_type="user", actor_id=user.id)
     return await start_session(session, user)
 
@@ -229,7 +231,7 @@ async def request_password_reset(session: AsyncSession, email: str) -> None:
 
 async def set_password(session: AsyncSession, user: User, new_password: str) -> None:
     check_password_policy(new_password, user.email)
-    user.password_hash = hash_password(new_password)
+    user.password_hash = await to_thread(hash_password, new_password)
     user.password_changed_at = utcnow()
     # Every session ends, and with it every access token minted for it (checked on each request).
     await repo.revoke_user_sessions(session, user.id, "password_changed")
@@ -246,7 +248,7 @@ async def reset_password(session: AsyncSession, token: str, new_password: str) -
 
 
 async def change_password(session: AsyncSession, user: User, current: str, new_password: str) -> TokenPair:
-    if not verify_password(user.password_hash, current):
+    if not await to_thread(verify_password, user.password_hash, current):
         raise Unauthorized("current password is wrong", code="invalid_credentials")
     await set_password(session, user, new_password)
     audit.record(session, action="auth.password_change", org_id=None, actor_type="user", actor_id=user.id)

@@ -97,3 +97,18 @@ async def test_password_reset(client: httpx.AsyncClient) -> None:
     assert (await client.post("/v1/auth/login", json={"email": t.email, "password": new_password})).status_code == 200
     reuse = await client.post("/v1/auth/password-reset/confirm", json={"token": token, "new_password": "x" * 12})
     assert reuse.status_code == 400
+
+
+def test_production_password_hashes_are_argon2id() -> None:
+    from argon2 import PasswordHasher
+
+    from services.auth import crypto
+
+    # The module's own hasher (replaced by a cheap one for the rest of the suite) is argon2id with the library's
+    # RFC 9106 defaults.
+    real = PasswordHasher()
+    digest = real.hash("a password of some length")
+    assert digest.startswith("$argon2id$")
+    assert crypto.verify_password(digest, "a password of some length")
+    assert not crypto.verify_password(digest, "another password")
+    assert not crypto.verify_password(None, "a password of some length")
