@@ -17,11 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.responses import Response
 
-from services.api import errors
+from services.api import edge, errors
+from services.api.edge import Edge
 from services.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from services.auth import deps as auth_deps
 from services.auth.authenticate import Authenticator
 from services.auth.endpoints import router as identity_router
+from services.control_plane.clusters.endpoints import router as clusters_router
 from services.control_plane.endpoints import router as control_router
 from services.core.celery_app import celery_app, reconfigure
 from services.core.db import Database
@@ -42,6 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.db = db
     app.state.kv = make_kv()
     app.state.authenticator = Authenticator(db)
+    app.state.edge = Edge(db, app.state.authenticator, app.state.kv)
     flusher = asyncio.create_task(_flush_loop(app.state.authenticator, settings.last_used_flush_seconds))
     try:
         yield
@@ -50,6 +53,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         await app.state.authenticator.flush_last_used()
+        await app.state.edge.close()
         await app.state.kv.close()
         await db.dispose()
 
@@ -69,10 +73,12 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_CONTROL_BODY)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_CONTROL_BODY, exempt=edge.body_limit_exempt)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(identity_router)
     app.include_router(control_router)
+    app.include_router(clusters_router)
+    app.router.routes.extend(edge.routes(lambda request: request.app.state.edge))
     _service_routes(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -149,6 +155,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         }
     }
     schema["security"] = [{"bearer": []}]
+    schema["paths"].update(edge.openapi_paths())
     # Routes that authenticate nobody (sign-up, login, health...) say so, instead of inheriting the bearer.
     # FastAPI >= 0.16x includes routers lazily: iter_route_contexts flattens them (older versions list them flat).
     route: Any

@@ -21,7 +21,8 @@ from services.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-TASK_MODULES = ["services.core.mail"]
+# services.core.models first: it imports every table, so foreign keys across domains resolve in the worker.
+TASK_MODULES = ["services.core.models", "services.core.mail", "services.control_plane.clusters.tasks"]
 
 
 def _make_app() -> Celery:
@@ -47,6 +48,7 @@ def _make_app() -> Celery:
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         beat_schedule={
             "mail.sweep": {"task": "mail.sweep", "schedule": 60.0},
+            "cluster.reconcile": {"task": "cluster.reconcile", "schedule": settings.reconcile_interval_seconds},
         },
         timezone="UTC",
     )

@@ -14,6 +14,7 @@ _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 PREFIXES = frozenset(
     {
         "org",
+        "idk",
         "prj",
         "usr",
         "key",

@@ -58,6 +58,19 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     smtp_timeout_seconds: float = 10.0
 
+    # Clusters and the data plane.
+    provisioner: Literal["local"] = "local"
+    object_store_uri: str = ""  # s3://bucket/prefix or file:///path; empty: file://$VECTA_HOME/objects
+    local_memory_per_cu_gib: int = Field(8, ge=1)
+    max_cu_size: int = Field(16, ge=1)
+    reconcile_interval_seconds: float = Field(10.0, gt=0)
+    engine_start_timeout_seconds: float = Field(60.0, gt=0)
+    deleted_retention_days: int = Field(7, ge=0)
+    dataplane_max_body_bytes: int = Field(64 << 20, ge=1024)
+    dataplane_rate_per_key: float = Field(200.0, gt=0, description="requests per second per API key")
+    dataplane_rate_per_cluster: float = Field(1000.0, gt=0, description="requests per second per cluster")
+    dataplane_timeout_seconds: float = Field(30.0, gt=0)
+
     # Celery. ``eager`` runs tasks inline (only for unit tests of task bodies).
     celery_eager: bool = False
 
@@ -95,6 +108,10 @@ class Settings(BaseSettings):
     @property
     def mail_dir(self) -> Path:
         return self.home / "mail"
+
+    @property
+    def objects_uri(self) -> str:
+        return self.object_store_uri or (self.home / "objects").resolve().as_uri()
 
     @property
     def async_database_url(self) -> str:

@@ -1,0 +1,281 @@
+"""The data-plane edge: ``/v1/clusters/{cluster_id}/collections…`` → the cluster's engine.
+
+Per request: authenticate the bearer (cached, see ``Authenticator``), resolve the cluster (cached ≤ 1 s: org,
+project, status, engine address, engine token), authorize the privilege the route needs on that cluster, apply
+the per-key and per-cluster rate limits, then forward the body untouched over a pooled HTTP client and stream the
+engine's answer (success or problem document) back as it is. Reads are retried once on a connection error; writes
+never are. A cluster that is not RUNNING answers 503 with Retry-After; a SUSPENDED serverless cluster is resumed by
+its first data-plane call.
+
+Raw Starlette routes rather than FastAPI endpoints keep the hot path free of dependency resolution and body
+parsing; their OpenAPI description is added by ``openapi_paths()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from services.api.errors import problem_response
+from services.auth.authenticate import Authenticator
+from services.auth.subject import AuthSubject
+from services.control_plane.clusters import tasks as cluster_tasks
+from services.control_plane.clusters.models import Cluster, Job
+from services.control_plane.clusters.state import Status, can
+from services.core import audit
+from services.core.celery_app import send
+from services.core.db import Database
+from services.core.errors import (
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    VectaError,
+)
+from services.core.ids import new_id
+from services.core.kv import KV
+from services.core.settings import get_settings
+
+READ_ACTIONS = {"search": "data:read", "hybrid-search": "data:read", "fetch": "data:read", "query": "data:read",
+                "count": "data:read"}  # fmt: skip
+WRITE_ACTIONS = {"upsert": "data:write", "delete": "data:write", "imports": "data:write"}
+_HOP_HEADERS = {b"content-type", b"retry-after"}
+
+
+@dataclass(frozen=True)
+class ClusterRoute:
+    id: str
+    org_id: str
+    project_id: str
+    plan: str
+    status: str
+    engine_url: str | None
+    token: str
+
+
+class Edge:
+    def __init__(self, db: Database, authenticator: Authenticator, kv: KV) -> None:
+        settings = get_settings()
+        self.db = db
+        self.authenticator = authenticator
+        self.kv = kv
+        self.max_body = settings.dataplane_max_body_bytes
+        self.rate_key = settings.dataplane_rate_per_key
+        self.rate_cluster = settings.dataplane_rate_per_cluster
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.dataplane_timeout_seconds, connect=2.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=256, keepalive_expiry=30),
+        )
+        self._routes: dict[str, tuple[float, ClusterRoute | None]] = {}
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def invalidate(self, cluster_id: str | None = None) -> None:
+        if cluster_id is None:
+            self._routes.clear()
+        else:
+            self._routes.pop(cluster_id, None)
+
+    async def resolve(self, cluster_id: str) -> ClusterRoute | None:
+        now = time.monotonic()
+        hit = self._routes.get(cluster_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        route = None
+        async with self.db.session() as session:
+            c = await session.get(Cluster, cluster_id)
+            if c is not None and c.status != Status.DELETED.value:
+                token = cluster_tasks.cluster_secrets(c)[0] if c.engine_url else ""
+                route = ClusterRoute(c.id, c.org_id, c.project_id, c.plan, c.status, c.engine_url, token)
+        if len(self._routes) > 10_000:
+            self._routes.clear()
+        self._routes[cluster_id] = (now + 1.0, route)
+        return route
+
+    async def rate_limit(self, subject: AuthSubject, cluster_id: str) -> None:
+        window = int(time.time())
+        checks = [(f"rl:c:{cluster_id}:{window}", self.rate_cluster, "cluster")]
+        if subject.kind == "api_key":
+            checks.append((f"rl:k:{subject.id}:{window}", self.rate_key, "API key"))
+        for key, limit, what in checks:
+            if await self.kv.incr(key, 2) > limit:
+                raise TooManyRequests(f"rate limit of {limit:g} requests/s per {what} exceeded", retry_after=1)
+
+    async def resume_on_call(self, route: ClusterRoute) -> None:
+        """The first data-plane call to a suspended serverless cluster starts its resumption."""
+        async with self.db.transaction() as session:
+            c = await session.get(Cluster, route.id, with_for_update=True)
+            if c is None or c.status != Status.SUSPENDED.value or not can(c.status, Status.RESUMING):
+                return
+            c.status, c.status_reason = Status.RESUMING.value, "resumed by a data-plane request"
+            job = Job(id=new_id("job"), org_id=c.org_id, kind="cluster.resume", resource_id=c.id, params={})
+            session.add(job)
+            audit.record(
+                session, action="cluster.resume", org_id=c.org_id, actor_type="system", actor_id=None,
+                target_type="cluster", target_id=c.id, details={"trigger": "data-plane request"},
+            )  # fmt: skip
+        self.invalidate(route.id)
+        import anyio
+
+        await anyio.to_thread.run_sync(send, "cluster.resume", (route.id, job.id), {})
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            return await self._handle(request)
+        except VectaError as exc:
+            return problem_response(exc.problem(request.url.path), exc.headers)
+
+    async def _handle(self, request: Request) -> Response:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token", code="missing_credentials")
+        subject = await self.authenticator.authenticate(token.strip())
+        request.state.subject = subject
+        cluster_id: str = request.path_params["cluster_id"]
+        rest: str = request.path_params.get("rest", "")
+        privilege, retry_ok = self._privilege(request.method, rest)
+        route = await self.resolve(cluster_id)
+        if route is None:
+            raise NotFound(f"cluster {cluster_id} not found", code="cluster_not_found")
+        subject.require_cluster(route.org_id, route.project_id, route.id, privilege)
+        await self.rate_limit(subject, route.id)
+        if route.status != Status.RUNNING.value or not route.engine_url:
+            if route.status == Status.SUSPENDED.value and route.plan == "serverless":
+                await self.resume_on_call(route)
+                raise ServiceUnavailable(
+                    f"cluster {route.id} was suspended and is resuming; retry shortly",
+                    retry_after=2, code="cluster_resuming",
+                )  # fmt: skip
+            raise ServiceUnavailable(
+                f"cluster {route.id} is {route.status}, not RUNNING", retry_after=5, code="cluster_not_ready"
+            )
+        body = await self._body(request)
+        headers = {"authorization": f"Bearer {route.token}"}
+        if body:
+            headers["content-type"] = request.headers.get("content-type", "application/json")
+        url = f"{route.engine_url}/v1/collections{rest}"
+        req = self.client.build_request(request.method, url, content=body, headers=headers,
+                                        params=request.url.query or None)  # fmt: skip
+        for attempt in (0, 1):
+            try:
+                resp = await self.client.send(req, stream=True)
+                break
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                if attempt == 0 and retry_ok:
+                    continue
+                self.invalidate(route.id)
+                raise ServiceUnavailable(
+                    f"cluster {route.id}'s engine is not reachable; retry shortly", retry_after=2,
+                    code="engine_unavailable",
+                ) from exc  # fmt: skip
+            except httpx.TimeoutException as exc:
+                raise ServiceUnavailable(
+                    f"cluster {route.id}'s engine did not answer in time", retry_after=2, code="engine_timeout"
+                ) from exc
+        out_headers = {k.decode(): v.decode() for k, v in resp.headers.raw if k.lower() in _HOP_HEADERS}
+        return StreamingResponse(
+            resp.aiter_raw(), status_code=resp.status_code, headers=out_headers, background=BackgroundTask(resp.aclose)
+        )
+
+    @staticmethod
+    def _privilege(method: str, rest: str) -> tuple[str, bool]:
+        parts = [p for p in rest.split("/") if p]
+        if not parts:
+            return ("collection:create", False) if method == "POST" else ("data:read", method == "GET")
+        if len(parts) == 1:
+            return ("collection:drop", False) if method == "DELETE" else ("data:read", method == "GET")
+        action = parts[1]
+        if action in READ_ACTIONS:
+            return READ_ACTIONS[action], True
+        return WRITE_ACTIONS.get(action, "data:write"), False
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+DATAPLANE_PREFIX = "/v1/clusters/{cluster_id}/collections"
+
+
+def routes(get_edge: Any) -> list[Route]:
+    async def endpoint(request: Request) -> Response:
+        edge: Edge = get_edge(request)
+        return await edge.handle(request)
+
+    return [
+        Route(DATAPLANE_PREFIX, endpoint, methods=["GET", "POST"]),
+        Route(DATAPLANE_PREFIX + "{rest:path}", endpoint, methods=["GET", "POST", "DELETE"]),
+    ]
+
+
+def openapi_paths() -> dict[str, Any]:
+    """OpenAPI operations for the forwarded routes (bodies as API.md's Data plane section describes them)."""
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    errs = {str(c): {"description": d, "content": problem} for c, d in (
+        (400, "Bad Request"), (401, "Unauthorized"), (403, "Forbidden"), (404, "Not Found"),
+        (413, "Payload Too Large"), (422, "Unprocessable Content"), (429, "Too Many Requests"),
+        (503, "Cluster not ready (Retry-After)"))}  # fmt: skip
+    obj = {"type": "object", "additionalProperties": True}
+
+    def op(summary: str, with_body: bool, ok: str = "200") -> dict[str, Any]:
+        o: dict[str, Any] = {
+            "tags": ["data plane"],
+            "summary": summary,
+            "responses": {ok: {"description": "OK", "content": {"application/json": {"schema": obj}}}, **errs},
+        }
+        if with_body:
+            o["requestBody"] = {"required": True, "content": {"application/json": {"schema": obj}}}
+        return o
+
+    cid = {"name": "cluster_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths: dict[str, Any] = {
+        DATAPLANE_PREFIX: {
+            "parameters": [cid],
+            "get": op("List collections", False),
+            "post": op("Create a collection", True, "201"),
+        },
+        DATAPLANE_PREFIX + "/{name}": {
+            "parameters": [cid, name],
+            "get": op("Describe a collection", False),
+            "delete": op("Drop a collection", False),
+        },
+    }
+    for action, summary in (
+        ("upsert", "Upsert records"), ("delete", "Delete records by ids or filter"), ("fetch", "Fetch by ids"),
+        ("search", "Vector or text search"), ("hybrid-search", "Hybrid (vector + BM25) search"),
+        ("query", "Query by filter"), ("count", "Count records"), ("imports", "Import from the object store"),
+    ):  # fmt: skip
+        paths[f"{DATAPLANE_PREFIX}/{{name}}/{action}"] = {
+            "parameters": [cid, name],
+            "post": op(summary, True, "202" if action == "imports" else "200"),
+        }
+    return paths
+
+
+def body_limit_exempt(path: str) -> bool:
+    """The control-plane body limit does not apply to data-plane routes (the edge has its own)."""
+    return path.startswith("/v1/clusters/") and "/collections" in path
+
+
+__all__ = ["Edge", "body_limit_exempt", "openapi_paths", "orjson", "routes"]

@@ -1,0 +1,332 @@
+"""Celery tasks that do the cluster lifecycle work, and the reconciler.
+
+Each task takes (cluster_id, job_id), is idempotent and safe to run again after a worker died half-way: it only
+acts while the cluster is still in the transitional status the job was created for, provisioners re-adopt running
+engines, and the final status is written in one transaction with the job's result. The reconciler (Celery beat)
+re-drives clusters stuck in a transitional status whose job was lost, restarts engines that died, and records a
+heartbeat and a metrics sample for every running cluster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from services.auth.keyprovider import KeyUnavailable, local_provider
+from services.control_plane.clusters.models import Cluster, ClusterMetric, Job
+from services.control_plane.clusters.state import TRANSITIONAL, Status, can
+from services.control_plane.provisioners.base import EngineSpec, ProvisionError
+from services.control_plane.provisioners.local import LocalProvisioner, get_provisioner
+from services.core.celery_app import celery_app
+from services.core.db import get_database, utcnow
+from services.core.objectstore import open_object_store
+from services.core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+KIND_STATUS: dict[str, tuple[Status, Status]] = {  # job kind → (status while running, status when done)
+    "cluster.provision": (Status.CREATING, Status.RUNNING),
+    "cluster.modify": (Status.MODIFYING, Status.RUNNING),
+    "cluster.suspend": (Status.SUSPENDING, Status.SUSPENDED),
+    "cluster.resume": (Status.RESUMING, Status.RUNNING),
+    "cluster.delete": (Status.DELETING, Status.DELETED),
+}
+
+
+@dataclass(frozen=True)
+class Work:
+    cluster_id: str
+    org_id: str
+    provisioner: str
+    engine_url: str | None
+    spec: EngineSpec
+    params: dict[str, Any]
+
+
+def cluster_secrets(c: Cluster) -> tuple[str, bytes]:
+    provider = local_provider()
+    ctx = {"org_id": c.org_id, "cluster_id": c.id}
+    token = provider.unwrap(c.engine_token_wrapped, {**ctx, "use": "engine_token"}).decode()
+    return token, provider.unwrap(c.data_key_wrapped, ctx)
+
+
+def engine_call(url: str, token: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+    r = httpx.request(method, f"{url}{path}", json=body, headers={"authorization": f"Bearer {token}"}, timeout=timeout)
+    if r.status_code >= 400:
+        raise ProvisionError(f"engine answered {r.status_code} to {method} {path}: {r.text[:300]}")
+    return r.json()
+
+
+def drive(kind: str, cluster_id: str, job_id: str, work: Callable[[Work], dict[str, Any]]) -> str:
+    during, done = KIND_STATUS[kind]
+    db = get_database()
+    with db.sync_transaction() as s:
+        c = s.get(Cluster, cluster_id)
+        job = s.get(Job, job_id)
+        if c is None or job is None:
+            return "missing"
+        if job.status in ("succeeded", "failed"):
+            return job.status
+        if c.status != during.value:
+            job.status = "succeeded" if c.status == done.value else "failed"
+            job.error = None if job.status == "succeeded" else f"cluster is {c.status}, not {during.value}"
+            job.finished_at = utcnow()
+            return job.status
+        job.status, job.started_at, job.attempts = "running", job.started_at or utcnow(), job.attempts + 1
+        try:
+            token, data_key = cluster_secrets(c)
+        except KeyUnavailable as exc:
+            _fail(c, job, f"encryption key unavailable: {exc}")
+            return "failed"
+        item = Work(
+            cluster_id=c.id,
+            org_id=c.org_id,
+            provisioner=c.provisioner,
+            engine_url=c.engine_url,
+            spec=EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, dict(c.engine_state or {})),
+            params=dict(job.params or {}),
+        )
+    reason = None
+    updates: dict[str, Any] = {}
+    try:
+        updates = work(item)
+    except ProvisionError as exc:
+        reason = exc.reason
+    except Exception as exc:
+        log.exception("%s failed for %s", kind, cluster_id)
+        reason = f"internal error ({type(exc).__name__}); the operation can be retried"
+    with db.sync_transaction() as s:
+        c = s.get(Cluster, cluster_id)
+        job = s.get(Job, job_id)
+        assert c is not None and job is not None
+        if reason is not None:
+            if kind == "cluster.delete":  # a delete is never abandoned: the reconciler tries again
+                job.status, job.error, job.finished_at = "failed", reason, utcnow()
+            else:
+                _fail(c, job, reason)
+            return "failed"
+        for field, value in updates.items():
+            setattr(c, field, value)
+        if c.status == during.value and can(during, done):
+            c.status = done.value
+            c.status_reason = None
+        job.status, job.progress, job.finished_at = "succeeded", 1.0, utcnow()
+    return "succeeded"
+
+
+def _fail(c: Cluster, job: Job, reason: str) -> None:
+    if can(c.status, Status.FAILED):
+        c.status = Status.FAILED.value
+    c.status_reason = reason[:300]
+    job.status, job.error, job.finished_at = "failed", reason[:1000], utcnow()
+
+
+def _started(handle_url: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {"engine_url": handle_url, "engine_state": state, "last_heartbeat_at": utcnow()}
+
+
+def _provision(w: Work) -> dict[str, Any]:
+    handle = get_provisioner(w.provisioner).start(w.spec, get_settings().engine_start_timeout_seconds)
+    return _started(handle.url, handle.state)
+
+
+def _modify(w: Work) -> dict[str, Any]:
+    prov = get_provisioner(w.provisioner)
+    cu = int(w.params.get("cu_size", w.spec.cu_size))
+    prov.stop(w.cluster_id, w.spec.state)
+    spec = EngineSpec(w.cluster_id, cu, w.spec.replicas, w.spec.token, w.spec.data_key, w.spec.state)
+    handle = prov.start(spec, get_settings().engine_start_timeout_seconds)
+    return {**_started(handle.url, handle.state), "cu_size": cu}
+
+
+def snapshot_uri(cluster_id: str, purpose: str) -> str:
+    stamp = utcnow().strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{get_settings().objects_uri.rstrip('/')}/clusters/{cluster_id}/{purpose}/{stamp}"
+
+
+def _suspend(w: Work) -> dict[str, Any]:
+    prov = get_provisioner(w.provisioner)
+    state = dict(w.spec.state)
+    if prov.is_running(w.cluster_id, state) and w.engine_url:
+        uri = snapshot_uri(w.cluster_id, "suspend")
+        engine_call(w.engine_url, w.spec.token, "POST", "/internal/snapshot", {"uri": uri}, timeout=3600)
+        state["snapshot_uri"] = uri
+    elif "snapshot_uri" not in state:
+        raise ProvisionError("the engine is not running and no snapshot exists to suspend from")
+    prov.destroy(w.cluster_id, state)
+    state.pop("pid", None)
+    return {"engine_url": None, "engine_state": state}
+
+
+def _resume(w: Work) -> dict[str, Any]:
+    prov = get_provisioner(w.provisioner)
+    handle = prov.start(w.spec, get_settings().engine_start_timeout_seconds)
+    state = dict(handle.state)
+    uri = state.get("snapshot_uri")
+    if uri and not state.get("restored"):
+        stats = engine_call(handle.url, w.spec.token, "GET", "/internal/stats")
+        if not stats.get("collections"):
+            engine_call(handle.url, w.spec.token, "POST", "/internal/restore", {"uri": uri}, timeout=3600)
+        state["restored"] = True
+    return _started(handle.url, state)
+
+
+def _delete(w: Work) -> dict[str, Any]:
+    get_provisioner(w.provisioner).destroy(w.cluster_id, w.spec.state)
+    state = {k: v for k, v in w.spec.state.items() if k == "snapshot_uri"}
+    return {"engine_url": None, "engine_state": state, "deleted_at": utcnow()}
+
+
+WORK: dict[str, Callable[[Work], dict[str, Any]]] = {
+    "cluster.provision": _provision,
+    "cluster.modify": _modify,
+    "cluster.suspend": _suspend,
+    "cluster.resume": _resume,
+    "cluster.delete": _delete,
+}
+
+
+def _register(kind: str) -> None:
+    def run(cluster_id: str, job_id: str) -> str:
+        return drive(kind, cluster_id, job_id, WORK[kind])
+
+    run.__name__ = run.__qualname__ = kind.replace(".", "_")
+    celery_app.task(name=kind, acks_late=True, ignore_result=True)(run)
+
+
+for _kind in KIND_STATUS:
+    _register(_kind)
+
+
+# -- reconciler ----------------------------------------------------------------------------------------------
+STUCK_AFTER = dt.timedelta(minutes=2)
+
+
+@celery_app.task(name="cluster.reconcile", ignore_result=True)
+def reconcile() -> dict[str, int]:
+    db = get_database()
+    counts = {"heartbeats": 0, "restarted": 0, "redriven": 0, "purged": 0}
+    with db.sync_transaction() as s:
+        running = s.scalars(select(Cluster.id).where(Cluster.status == Status.RUNNING.value)).all()
+        stuck = s.scalars(
+            select(Cluster.id).where(
+                Cluster.status.in_([st.value for st in TRANSITIONAL]), Cluster.updated_at < utcnow() - STUCK_AFTER
+            )
+        ).all()
+    for cluster_id in running:
+        outcome = heartbeat(cluster_id)
+        counts[outcome] = counts.get(outcome, 0) + 1
+    for cluster_id in stuck:
+        counts["redriven"] += redrive(cluster_id)
+    counts["purged"] = purge_deleted()
+    return counts
+
+
+def heartbeat(cluster_id: str) -> str:
+    """Ask a running cluster's engine for its stats; restart the engine if it died."""
+    db = get_database()
+    with db.sync_transaction() as s:
+        c = s.get(Cluster, cluster_id)
+        if c is None or c.status != Status.RUNNING.value:
+            return "skipped"
+        token, data_key = cluster_secrets(c)
+        spec = EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, dict(c.engine_state or {}))
+        url, provisioner = c.engine_url, c.provisioner
+    stats = None
+    if url:
+        try:
+            stats = engine_call(url, token, "GET", "/internal/stats", timeout=5.0)
+        except (httpx.HTTPError, ProvisionError):
+            stats = None
+    restarted = None
+    if stats is None:
+        prov = get_provisioner(provisioner)
+        if prov.is_running(cluster_id, spec.state):
+            return "unresponsive"  # alive but slow: leave it; the next pass looks again
+        try:
+            restarted = prov.start(spec, get_settings().engine_start_timeout_seconds)
+            stats = engine_call(restarted.url, token, "GET", "/internal/stats", timeout=5.0)
+        except (ProvisionError, httpx.HTTPError) as exc:
+            log.error("could not restart the engine of %s: %s", cluster_id, exc)
+            return "restart_failed"
+    now = utcnow()
+    with db.sync_transaction() as s:
+        c = s.get(Cluster, cluster_id)
+        if c is None or c.status != Status.RUNNING.value:
+            return "skipped"
+        if restarted is not None:
+            c.engine_url, c.engine_state = restarted.url, restarted.state
+            c.status_reason = f"engine restarted at {now.isoformat(timespec='seconds')}"
+        c.last_heartbeat_at = now
+        c.vector_count = int(stats.get("vector_count", 0))
+        c.storage_bytes = int(stats.get("bytes_on_disk", 0))
+        s.add(
+            ClusterMetric(
+                cluster_id=c.id,
+                at=now,
+                requests=int(stats.get("requests", 0)),
+                read_units=int(stats.get("read_units", 0)),
+                write_units=int(stats.get("write_units", 0)),
+                latency_p50_ms=stats.get("latency_p50_ms"),
+                latency_p99_ms=stats.get("latency_p99_ms"),
+                vector_count=c.vector_count,
+                storage_bytes=c.storage_bytes,
+            )
+        )
+    return "restarted" if restarted is not None else "heartbeats"
+
+
+def redrive(cluster_id: str) -> int:
+    """A transitional cluster whose job is not queued or running any more gets its task sent again."""
+    db = get_database()
+    with db.sync_transaction() as s:
+        c = s.get(Cluster, cluster_id)
+        if c is None or c.status not in {st.value for st in TRANSITIONAL}:
+            return 0
+        kind = next((k for k, (during, _) in KIND_STATUS.items() if during.value == c.status), None)
+        if kind is None:  # RESTORING is driven by the backups domain
+            return 0
+        job = s.scalars(
+            select(Job).where(Job.resource_id == c.id, Job.kind == kind).order_by(Job.created_at.desc()).limit(1)
+        ).first()
+        if job is None:
+            return 0
+        if job.status in ("succeeded", "failed"):
+            job.status, job.finished_at, job.error = "queued", None, None
+        job_id = job.id
+    celery_app.send_task(kind, args=(cluster_id, job_id))
+    return 1
+
+
+def purge_deleted() -> int:
+    """Object-store data of clusters deleted longer ago than VECTA_DELETED_RETENTION_DAYS is removed."""
+    settings = get_settings()
+    cutoff = utcnow() - dt.timedelta(days=settings.deleted_retention_days)
+    db = get_database()
+    with db.sync_transaction() as s:
+        rows = s.scalars(
+            select(Cluster).where(Cluster.status == Status.DELETED.value, Cluster.deleted_at < cutoff)
+        ).all()
+        todo = [(c.id, c) for c in rows if (c.engine_state or {}).get("snapshot_uri")]
+    purged = 0
+    if not todo:
+        return 0
+    store = open_object_store(settings.objects_uri)
+    for cluster_id, _ in todo:
+        for key in store.list_keys(f"clusters/{cluster_id}/"):
+            store.delete(key)
+        with db.sync_transaction() as s:
+            c = s.get(Cluster, cluster_id)
+            if c is not None:
+                c.engine_state = {}
+        purged += 1
+    return purged
+
+
+__all__ = ["LocalProvisioner", "reconcile"]

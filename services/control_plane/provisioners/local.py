@@ -1,0 +1,172 @@
+"""The ``local`` provisioner: each cluster's engine is a ``vecta engine serve`` child process on 127.0.0.1.
+
+* The token and data key reach the child in its environment (never argv, never a file or a log line).
+* The process runs in its own session so it outlives the API and worker processes that started it; its pid and
+  port are recorded on the cluster row, and ``start`` re-adopts a live process (checked by pid, by its command line
+  naming the cluster, and by an authenticated health check) instead of starting a second one.
+* Resource limits from ``cu_size``: search threads = ``cu_size`` and an address-space limit of
+  ``VECTA_LOCAL_MEMORY_PER_CU_GIB`` x ``cu_size`` (plus a floor for the interpreter and libraries).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.control_plane.provisioners.base import EngineHandle, EngineSpec, ProvisionError
+from services.core.settings import get_settings
+
+_GIB = 1 << 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pid_is_engine(pid: int, cluster_id: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"engine\x00serve" in cmdline and cluster_id.encode() in cmdline
+
+
+class LocalProvisioner:
+    name = "local"
+
+    def __init__(self, root: Path | None = None) -> None:
+        settings = get_settings()
+        self.root = root or settings.data_dir / "clusters"
+        self.log_dir = settings.log_dir
+
+    def data_dir(self, cluster_id: str) -> Path:
+        return self.root / cluster_id
+
+    def _healthy(self, url: str, token: str) -> bool:
+        try:
+            r = httpx.get(f"{url}/internal/stats", headers={"authorization": f"Bearer {token}"}, timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def is_running(self, cluster_id: str, state: dict[str, Any]) -> bool:
+        pid = state.get("pid")
+        return isinstance(pid, int) and _pid_is_engine(pid, cluster_id)
+
+    def start(self, spec: EngineSpec, timeout: float = 60.0) -> EngineHandle:
+        state = dict(spec.state)
+        port = state.get("port")
+        if self.is_running(spec.cluster_id, state) and isinstance(port, int):
+            url = f"http://127.0.0.1:{port}"
+            if self._wait_healthy(url, spec.token, state["pid"], timeout):
+                return EngineHandle(url=url, state=state)
+            self._kill(state["pid"])
+        if not isinstance(port, int) or not _port_free(port):
+            port = _free_port()
+        data_dir = self.data_dir(spec.cluster_id)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_ENGINE_")}
+        env["VECTA_ENGINE_TOKEN"] = spec.token
+        env["VECTA_ENGINE_DATA_KEY"] = base64.b64encode(spec.data_key).decode()
+        env["OMP_NUM_THREADS"] = str(spec.cu_size)
+        args = [
+            sys.executable, "-m", "services.cli", "engine", "serve",
+            "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--search-threads", str(max(2, spec.cu_size)), "--build-threads", str(spec.cu_size),
+        ]  # fmt: skip
+        memory = (get_settings().local_memory_per_cu_gib * spec.cu_size + 4) * _GIB
+
+        def limits() -> None:  # runs in the child before exec
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+        log = (self.log_dir / f"engine-{spec.cluster_id}.log").open("ab")
+        try:
+            proc = subprocess.Popen(
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=limits,
+            )  # fmt: skip
+        finally:
+            log.close()
+        url = f"http://127.0.0.1:{port}"
+        state.update(pid=proc.pid, port=port, data_dir=str(data_dir))
+        if not self._wait_healthy(url, spec.token, proc.pid, timeout, proc):
+            self._kill(proc.pid)
+            raise ProvisionError("the engine did not become healthy in time")
+        return EngineHandle(url=url, state=state)
+
+    def _wait_healthy(
+        self, url: str, token: str, pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+    ) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                return False
+            if proc is None and not Path(f"/proc/{pid}").exists():
+                return False
+            if self._healthy(url, token):
+                return True
+            time.sleep(delay)
+            delay = min(0.2, delay * 1.5)
+        return False
+
+    def _kill(self, pid: int, grace: float = 10.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                with contextlib.suppress(ChildProcessError):
+                    if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                        return
+                if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+                    return
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    def stop(self, cluster_id: str, state: dict[str, Any]) -> None:
+        pid = state.get("pid")
+        if isinstance(pid, int) and _pid_is_engine(pid, cluster_id):
+            self._kill(pid)
+
+    def destroy(self, cluster_id: str, state: dict[str, Any]) -> None:
+        self.stop(cluster_id, state)
+        shutil.rmtree(self.data_dir(cluster_id), ignore_errors=True)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def get_provisioner(name: str) -> LocalProvisioner:
+    if name == "local":
+        return LocalProvisioner()
+    raise ProvisionError(f"provisioner {name!r} is not available in this deployment")
