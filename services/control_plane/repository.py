@@ -20,7 +20,7 @@ async def members(
     if after:
         stmt = stmt.where(Membership.user_id > after)
     rows = await session.execute(stmt.order_by(Membership.user_id).limit(limit + 1))
-    return [(m, u) for m, u in rows.tuples()]
+    return [(m, u) for m, u in rows]
 
 
 async def membership(session: AsyncSession, org_id: str, user_id: str) -> Membership | None:
