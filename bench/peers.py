@@ -39,6 +39,7 @@ from common import (
     Dataset,
     Report,
     RunResult,
+    alternate,
     closed_loop,
     free_port,
     load_average,
@@ -214,18 +215,27 @@ def pg_load(pg: Pg, ds: Dataset, m: int, efc: int, rep: Report) -> None:
         rep.note("pgvector HNSW build", f"{build_s:.1f} s (1 maintenance worker)")
 
 
-def pg_bench(pg: Pg, ds: Dataset, target: float, secs: float, rep: Report) -> dict:
+WHERE = {"f10": "category = 'cat3'", "f1": "category = 'cat3' AND year >= 2015"}
+
+
+def pg_runner(pg: Pg, ds: Dataset, rep: Report):
+    """A runner(kind, concurrency, secs, ef) over psycopg connections, one query per request."""
     table = f"items_{ds.n}"
     sql = f"SELECT idx FROM {table} ORDER BY embedding <#> %s::vector LIMIT 10"
     qtext = [vec_text(q) for q in ds.queries]
+    assert ds.filters["f10"]["filter"] == {"category": {"$eq": "cat3"}}
+    assert ds.filters["f1"]["filter"] == {"$and": [{"category": {"$eq": "cat3"}}, {"year": {"$gte": 2015}}]}
+    with pg.connect() as c:
+        size = c.execute(f"select pg_total_relation_size('{table}')").fetchone()[0]
+    rep.note("pgvector table+indexes size", f"{size / 2**20:.0f} MiB")
 
-    def make_factory(ef: int, where: str = ""):
-        stmt = sql if not where else sql.replace("ORDER BY", f"WHERE {where} ORDER BY")
+    def run(kind: str, conc: int, secs: float, ef: int) -> RunResult:
+        stmt = sql if kind == "plain" else sql.replace("ORDER BY", f"WHERE {WHERE[kind]} ORDER BY")
 
         def make():
             conn = pg.connect()
             conn.execute(f"SET hnsw.ef_search = {ef}")
-            if where:
+            if kind != "plain":
                 conn.execute("SET hnsw.iterative_scan = relaxed_order")
             cur = conn.cursor()
 
@@ -235,43 +245,15 @@ def pg_bench(pg: Pg, ds: Dataset, target: float, secs: float, rep: Report) -> di
 
             return w
 
-        return make
+        return closed_loop(f"pgvector {kind} c={conc} ef_search={ef}", make, len(qtext), conc, max_seconds=secs)
 
-    def one_pass(ef: int):
-        res = closed_loop("pg pass", make_factory(ef), len(qtext), 1, max_seconds=0.0, warmup=5)
-        return [res.outputs.get(i) or [] for i in range(len(qtext))]
-
-    ef, _ = tune(one_pass, ds.gt, target, "pgvector")
-    out = {"ef": ef}
-    for conc in (1, 4):
-        res = closed_loop(f"pgvector c={conc} ef_search={ef}", make_factory(ef), len(qtext), conc, max_seconds=secs)
-        rec = run_recall(res, ds.gt)
-        log(fmt(res, rec))
-        out[conc] = (res, rec)
-    with pg.connect() as c:
-        size = c.execute(f"select pg_total_relation_size('{table}')").fetchone()[0]
-    rep.note(
-        "pgvector table+indexes size",
-        f"{size / 2**20:.0f} MiB; postgres RSS {rss_bytes(pg.proc.pid) / 2**20:.0f} MiB",
-    )
-    for fname, spec in ds.filters.items():
-        flt = spec["filter"]
-        where = "category = 'cat3'" if fname == "f10" else "category = 'cat3' AND year >= 2015"
-        assert flt in (
-            {"category": {"$eq": "cat3"}},
-            {"$and": [{"category": {"$eq": "cat3"}}, {"year": {"$gte": 2015}}]},
-        )
-        res = closed_loop(f"pgvector filter {fname}", make_factory(ef, where), len(qtext), 1, max_seconds=secs / 2)
-        rec = run_recall(res, spec["gt"])
-        log(fmt(res, rec))
-        out[fname] = (res, rec)
-    return out
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- Qdrant Edge
 
 
-def qdrant_bench(ds: Dataset, m: int, efc: int, target: float, secs: float, rep: Report, workdir: Path) -> dict:
+def qdrant_setup(ds: Dataset, m: int, efc: int, rep: Report, workdir: Path):
     import qdrant_edge as q
 
     path = workdir / "qdrant"
@@ -297,8 +279,20 @@ def qdrant_bench(ds: Dataset, m: int, efc: int, target: float, secs: float, rep:
     rep.add("Qdrant Edge upsert, in-process, batches of 1,000", ds.n / load_s, "vectors/s", fmt="{:,.0f}")
     rep.note("Qdrant Edge optimize (HNSW build)", f"{build_s:.1f} s")
     qs = [qv.tolist() for qv in ds.queries]
+    filters = {
+        "plain": None,
+        "f10": q.Filter(must=[q.FieldCondition(key="category", match=q.MatchValue("cat3"))]),
+        "f1": q.Filter(
+            must=[
+                q.FieldCondition(key="category", match=q.MatchValue("cat3")),
+                q.FieldCondition(key="year", range=q.RangeFloat(gte=2015)),
+            ]
+        ),
+    }
 
-    def make_factory(ef: int, flt=None):
+    def run(kind: str, conc: int, secs: float, ef: int) -> RunResult:
+        flt = filters[kind]
+
         def make():
             params = q.SearchParams(hnsw_ef=ef)
 
@@ -308,43 +302,15 @@ def qdrant_bench(ds: Dataset, m: int, efc: int, target: float, secs: float, rep:
 
             return w
 
-        return make
+        return closed_loop(f"qdrant edge {kind} threads={conc} hnsw_ef={ef}", make, len(qs), conc, max_seconds=secs)
 
-    def one_pass(ef: int):
-        res = closed_loop("qdrant pass", make_factory(ef), len(qs), 1, max_seconds=0.0, warmup=5)
-        return [res.outputs.get(i) or [] for i in range(len(qs))]
-
-    ef, _ = tune(one_pass, ds.gt, target, "qdrant edge")
-    out = {"ef": ef}
-    for conc in (1, 4):
-        res = closed_loop(f"qdrant edge threads={conc} hnsw_ef={ef}", make_factory(ef), len(qs), conc, max_seconds=secs)
-        rec = run_recall(res, ds.gt)
-        log(fmt(res, rec))
-        out[conc] = (res, rec)
-    filters = {
-        "f10": q.Filter(must=[q.FieldCondition(key="category", match=q.MatchValue("cat3"))]),
-        "f1": q.Filter(
-            must=[
-                q.FieldCondition(key="category", match=q.MatchValue("cat3")),
-                q.FieldCondition(key="year", range=q.RangeFloat(gte=2015)),
-            ]
-        ),
-    }
-    for fname, spec in ds.filters.items():
-        res = closed_loop(
-            f"qdrant edge filter {fname}", make_factory(ef, filters[fname]), len(qs), 1, max_seconds=secs / 2
-        )
-        rec = run_recall(res, spec["gt"])
-        log(fmt(res, rec))
-        out[fname] = (res, rec)
-    shard.close()
-    return out
+    return run, shard
 
 
 # ---------------------------------------------------------------------------------------------- engine
 
 
-def engine_bench(ds: Dataset, m: int, efc: int, target: float, secs: float, rep: Report, workdir: Path, cmd):
+def engine_setup(ds: Dataset, m: int, efc: int, rep: Report, workdir: Path, cmd):
     import engine_search as es
 
     eng = es.Engine(cmd, workdir / "engine", DATA / "results" / "engine-peers.log")
@@ -355,35 +321,20 @@ def engine_bench(ds: Dataset, m: int, efc: int, target: float, secs: float, rep:
         wait_s, _ = es.wait_indexed(eng, "bench", ds.n, 900)
         log(f"engine indexed {wait_s:.1f}s after ingest")
         rep.add("engine ingest over HTTP, batches of 1,000", vps, "vectors/s", fmt="{:,.0f}")
-
-        def one_pass(ef: int):
-            res = es.http_search(
-                eng.port, eng.search_reqs("bench", es.search_bodies(ds.queries, ef)), 1, 0.0, "engine pass"
-            )
-            return [res.outputs.get(i) or [] for i in range(len(ds.queries))]
-
-        ef, _ = tune(one_pass, ds.gt, target, "engine")
-        reqs = eng.search_reqs("bench", es.search_bodies(ds.queries, ef))
-        out = {"ef": ef}
-        for conc in (1, 4):
-            res = es.http_search(eng.port, reqs, conc, secs, f"engine HTTP c={conc} ef={ef}")
-            rec = run_recall(res, ds.gt)
-            log(fmt(res, rec))
-            out[conc] = (res, rec)
-        for fname, spec in ds.filters.items():
-            res = es.http_search(
-                eng.port,
-                eng.search_reqs("bench", es.search_bodies(ds.queries, ef, spec["filter"])),
-                1,
-                secs / 2,
-                f"engine filter {fname}",
-            )
-            rec = run_recall(res, spec["gt"])
-            log(fmt(res, rec))
-            out[fname] = (res, rec)
-        return out
-    finally:
+        rep.note("engine index build after ingest", f"{wait_s:.1f} s")
+    except BaseException:
         eng.stop()
+        raise
+    cache: dict = {}
+
+    def run(kind: str, conc: int, secs: float, ef: int) -> RunResult:
+        key = (kind, ef)
+        if key not in cache:
+            flt = None if kind == "plain" else ds.filters[kind]["filter"]
+            cache[key] = eng.search_reqs("bench", es.search_bodies(ds.queries, ef, flt))
+        return es.http_search(eng.port, cache[key], conc, secs, f"engine HTTP {kind} c={conc} ef={ef}")
+
+    return run, eng
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -396,7 +347,8 @@ def main() -> None:
     ap.add_argument("--M", type=int, default=16)
     ap.add_argument("--efc", type=int, default=128)
     ap.add_argument("--recall", type=float, default=0.95, help="recall@10 each system is tuned to reach")
-    ap.add_argument("--secs", type=float)
+    ap.add_argument("--secs", type=float, help="seconds per measurement (default 12, 6 with --quick)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved slices per measurement")
     ap.add_argument("--fresh", action="store_true", help="rebuild pgvector's table and index")
     ap.add_argument("--engine-cmd")
     ap.add_argument("--skip-engine", action="store_true")
@@ -404,7 +356,7 @@ def main() -> None:
     ap.add_argument("--skip-qdrant", action="store_true")
     args = ap.parse_args()
     n = args.n or (20_000 if args.quick else None)
-    secs = args.secs or (4.0 if args.quick else 10.0)
+    secs = args.secs or (6.0 if args.quick else 12.0)
     (DATA / "results").mkdir(parents=True, exist_ok=True)
     ds = load_dataset(n)
     rep = Report(
@@ -412,59 +364,77 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M')} UTC, {os.cpu_count()} cores"
     )
     rep.note(
-        "setup",
-        f"HNSW M={args.M} ef_construction={args.efc}; each system's ef tuned to recall@10 >= {args.recall}",
+        "setup", f"HNSW M={args.M} ef_construction={args.efc}; each system's ef tuned to recall@10 >= {args.recall}"
     )
     log(f"load average at start: {load_average()}")
     work = Path(tempfile.mkdtemp(prefix="peers-", dir=DATA))
-    results: dict[str, dict] = {}
+    names = {"engine": "engine (HTTP)", "pgvector": "pgvector (psycopg, TCP)", "qdrant": "Qdrant Edge (in-process)"}
+    runners: dict = {}
+    closers: list = []
     try:
+        # all three are loaded and indexed first, then measured interleaved (same machine load for each)
         if not args.skip_engine:
-            results["engine"] = engine_bench(ds, args.M, args.efc, args.recall, secs, rep, work, args.engine_cmd)
+            run, eng = engine_setup(ds, args.M, args.efc, rep, work, args.engine_cmd)
+            closers.append(eng.stop)
+            runners["engine"] = run
         if not args.skip_pg:
             pg = Pg(DATA / "pg16", args.fresh)
-            try:
-                pg_load(pg, ds, args.M, args.efc, rep)
-                results["pgvector"] = pg_bench(pg, ds, args.recall, secs, rep)
-            finally:
-                pg.stop()
+            closers.append(pg.stop)
+            pg_load(pg, ds, args.M, args.efc, rep)
+            runners["pgvector"] = pg_runner(pg, ds, rep)
         if not args.skip_qdrant:
-            results["qdrant"] = qdrant_bench(ds, args.M, args.efc, args.recall, secs, rep, work)
+            run, shard = qdrant_setup(ds, args.M, args.efc, rep, work)
+            closers.append(shard.close)
+            runners["qdrant"] = run
+
+        efs = {}
+        for key, run in runners.items():
+
+            def one_pass(ef: int, run=run):
+                res = run("plain", 1, 0.0, ef)
+                return [res.outputs.get(i) or [] for i in range(len(ds.queries))]
+
+            efs[key], _ = tune(one_pass, ds.gt, args.recall, names[key])
+        log(f"tuned ef: {efs}; load average {load_average()}")
+
+        results: dict[tuple[str, str, int], tuple[RunResult, float]] = {}
+        keys = list(runners)
+        for kind, conc, s in [("plain", 1, secs), ("plain", 4, secs), ("f10", 1, secs / 2), ("f1", 1, secs / 2)]:
+            gt = ds.gt if kind == "plain" else ds.filters[kind]["gt"]
+            fns = [lambda t, k=k, kd=kind, c=conc: runners[k](kd, c, t, efs[k]) for k in keys]
+            for k, res in zip(keys, alternate(fns, s, args.rounds), strict=True):
+                rec = run_recall(res, gt)
+                log(fmt(res, rec))
+                results[(k, kind, conc)] = (res, rec)
+        if "pgvector" in runners:
+            rep.note("postgres RSS", f"{rss_bytes(pg.proc.pid) / 2**20:.0f} MiB")
     finally:
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception as e:  # keep closing the others
+                log(f"close failed: {e}")
         shutil.rmtree(work, ignore_errors=True)
 
-    names = {
-        "engine": "engine (HTTP)",
-        "pgvector": "pgvector (psycopg, TCP)",
-        "qdrant": "Qdrant Edge (in-process)",
-    }
-    for key, res in results.items():
-        for conc in (1, 4):
-            r, rec = res[conc]
-            rep.note(
-                f"{names[key]}, {conc} client(s), ef={res['ef']}",
-                f"{r.qps:,.0f} q/s, recall@10 {rec:.4f}, p50 {r.pct(50):.3f} ms, p99 {r.pct(99):.3f} ms",
-            )
-        for fname in ds.filters:
-            r, rec = res[fname]
-            rep.note(
-                f"{names[key]}, filter {fname} ({ds.filters[fname]['selectivity']:.1%}), 1 client",
-                f"{r.qps:,.0f} q/s, recall@10 {rec:.4f}, p50 {r.pct(50):.3f} ms",
-            )
-    if "engine" in results:
-        e = results["engine"]
+    for (key, kind, conc), (r, rec) in results.items():
+        what = "unfiltered" if kind == "plain" else f"filter {kind} ({ds.filters[kind]['selectivity']:.1%})"
+        rep.note(
+            f"{names[key]}, {what}, {conc} client(s), ef={efs[key]}",
+            f"{r.qps:,.0f} q/s, recall@10 {rec:.4f}, p50 {r.pct(50):.3f} ms, p99 {r.pct(99):.3f} ms",
+        )
+    if "engine" in runners:
         for key, goal in (("pgvector", 1.5), ("qdrant", None)):
-            if key not in results:
+            if key not in runners:
                 continue
-            for conc in (1, 4):
+            for kind, conc in (("plain", 1), ("plain", 4), ("f10", 1), ("f1", 1)):
+                e, other = results[("engine", kind, conc)], results[(key, kind, conc)]
                 rep.add(
-                    f"engine vs {names[key]}, {conc} client(s), "
-                    f"at recall@10 {e[conc][1]:.3f} vs {results[key][conc][1]:.3f}",
-                    e[conc][0].qps,
+                    f"engine vs {names[key]}, {kind}, {conc} client(s), recall@10 {e[1]:.3f} vs {other[1]:.3f}",
+                    e[0].qps,
                     "q/s",
                     names[key],
-                    results[key][conc][0].qps,
-                    goal=goal,
+                    other[0].qps,
+                    goal=goal if (kind, conc) == ("plain", 1) else None,
                     fmt="{:,.0f}",
                 )
     log(f"load average at end: {load_average()}")
