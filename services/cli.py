@@ -100,6 +100,11 @@ def up(
                 env=os.environ.copy(),
             )
         )
+    if worker:  # engines stopped by the last `vecta up` start again now rather than at the first beat
+        from services.core.celery_app import reconfigure, send
+
+        reconfigure()
+        send("cluster.reconcile", (), {})
     typer.echo(f"Vecta is running at http://{host}:{port}  (home: {settings.home})")
     typer.echo(f"API docs: http://{host}:{port}/docs   logs: {settings.log_dir}")
     import uvicorn
@@ -115,6 +120,34 @@ def up(
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
+        stopped = stop_local_engines()
+        if stopped:
+            typer.echo(f"stopped {stopped} engine process(es); they start again with the next `vecta up`")
+
+
+def stop_local_engines() -> int:
+    """Stop the engine processes this home's clusters run (like `docker compose down`); their clusters stay
+    RUNNING in the database and the reconciler starts the engines again on the next `vecta up`."""
+    from sqlalchemy import select
+
+    from services.control_plane.clusters.models import Cluster
+    from services.control_plane.provisioners.local import LocalProvisioner
+    from services.core.db import make_sync_engine
+    from services.core.models import metadata  # noqa: F401 - every table, for foreign keys
+
+    engine = make_sync_engine()
+    provisioner = LocalProvisioner()
+    stopped = 0
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(Cluster.id, Cluster.engine_state).where(Cluster.provisioner == "local"))
+            for cluster_id, state in rows:
+                if state and provisioner.is_running(cluster_id, state):
+                    provisioner.stop(cluster_id, state)
+                    stopped += 1
+    finally:
+        engine.dispose()
+    return stopped
 
 
 @app.command()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
+import json
 import os
 import resource
 import shutil
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +79,38 @@ class LocalProvisioner:
         pid = state.get("pid")
         return isinstance(pid, int) and _pid_is_engine(pid, cluster_id)
 
+    @contextlib.contextmanager
+    def _locked(self, cluster_id: str) -> Iterator[dict[str, Any]]:
+        """Serializes operations on one cluster across threads and processes (Celery workers, the reconciler,
+        `vecta up`), and yields the provisioner's own record of the engine (pid, port), which is authoritative
+        over what the caller last stored: two racing callers must not both start an engine."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.root / f"{cluster_id}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self.root / f"{cluster_id}.state.json"
+            try:
+                record: dict[str, Any] = json.loads(path.read_text())
+            except (FileNotFoundError, ValueError):
+                record = {}
+            before = dict(record)
+            try:
+                yield record
+            finally:
+                if record != before:
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(record))
+                    tmp.replace(path)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def start(self, spec: EngineSpec, timeout: float = 60.0) -> EngineHandle:
-        state = dict(spec.state)
+        with self._locked(spec.cluster_id) as record:
+            state = {**spec.state, **record} if self.is_running(spec.cluster_id, record) else dict(spec.state)
+            handle = self._start(spec, state, timeout)
+            record.clear()
+            record.update(handle.state)
+            return handle
+
+    def _start(self, spec: EngineSpec, state: dict[str, Any], timeout: float) -> EngineHandle:
         port = state.get("port")
         if self.is_running(spec.cluster_id, state) and isinstance(port, int):
             url = f"http://127.0.0.1:{port}"
@@ -113,7 +146,7 @@ class LocalProvisioner:
             log.close()
         url = f"http://127.0.0.1:{port}"
         state.update(pid=proc.pid, port=port, data_dir=str(data_dir))
-        if not self._wait_healthy(url, spec.token, proc.pid, timeout, proc):
+        if not self._wait_healthy(url, spec.token, proc.pid, timeout, proc) or proc.poll() is not None:
             self._kill(proc.pid)
             raise ProvisionError("the engine did not become healthy in time")
         return EngineHandle(url=url, state=state)
@@ -150,13 +183,17 @@ class LocalProvisioner:
                 os.waitpid(pid, 0)
 
     def stop(self, cluster_id: str, state: dict[str, Any]) -> None:
-        pid = state.get("pid")
-        if isinstance(pid, int) and _pid_is_engine(pid, cluster_id):
-            self._kill(pid)
+        with self._locked(cluster_id) as record:
+            for pid in {state.get("pid"), record.get("pid")}:
+                if isinstance(pid, int) and _pid_is_engine(pid, cluster_id):
+                    self._kill(pid)
+            record.pop("pid", None)
 
     def destroy(self, cluster_id: str, state: dict[str, Any]) -> None:
         self.stop(cluster_id, state)
         shutil.rmtree(self.data_dir(cluster_id), ignore_errors=True)
+        for suffix in (".state.json", ".lock"):
+            (self.root / f"{cluster_id}{suffix}").unlink(missing_ok=True)
 
 
 def _is_zombie(pid: int) -> bool:
