@@ -22,7 +22,12 @@ from services.core.settings import get_settings
 log = logging.getLogger(__name__)
 
 # services.core.models first: it imports every table, so foreign keys across domains resolve in the worker.
-TASK_MODULES = ["services.core.models", "services.core.mail", "services.control_plane.clusters.tasks"]
+TASK_MODULES = [
+    "services.core.models",
+    "services.core.mail",
+    "services.control_plane.clusters.tasks",
+    "services.control_plane.backups.tasks",
+]
 
 
 def _make_app() -> Celery:
@@ -49,6 +54,7 @@ def _make_app() -> Celery:
         beat_schedule={
             "mail.sweep": {"task": "mail.sweep", "schedule": 60.0},
             "cluster.reconcile": {"task": "cluster.reconcile", "schedule": settings.reconcile_interval_seconds},
+            "backup.sweep": {"task": "backup.sweep", "schedule": 300.0},
         },
         timezone="UTC",
     )

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.keyprovider import local_provider
+from services.auth.keyprovider import LocalKeyProvider, local_provider
 from services.auth.subject import AuthSubject
 from services.control_plane import service as org_service
 from services.control_plane.clusters import repository as repo
@@ -33,6 +33,11 @@ from services.core.settings import get_settings
 
 def key_context(cluster: Cluster) -> dict[str, str]:
     return {"org_id": cluster.org_id, "cluster_id": cluster.id}
+
+
+def new_engine_token(provider: LocalKeyProvider, ctx: dict[str, str]) -> bytes:
+    """A fresh random bearer token for the cluster's engine, wrapped like its data key."""
+    return provider.wrap(secrets.token_urlsafe(32).encode(), {**ctx, "use": "engine_token"})
 
 
 def cluster_out(cluster: Cluster) -> ClusterOut:
@@ -152,7 +157,7 @@ async def create_cluster(
     provider = local_provider()
     ctx = key_context(cluster)
     _, cluster.data_key_wrapped = provider.generate_data_key(ctx)
-    cluster.engine_token_wrapped = provider.wrap(secrets.token_urlsafe(32).encode(), {**ctx, "use": "engine_token"})
+    cluster.engine_token_wrapped = new_engine_token(provider, ctx)
     session.add(cluster)
     await session.flush()
     job = _job(session, cluster, "cluster.provision")
@@ -220,7 +225,8 @@ async def get_job(session: AsyncSession, subject: AuthSubject, job_id: str) -> J
     job = await repo.job(session, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
-    cluster = await session.get(Cluster, job.resource_id)
+    # A job concerns a cluster directly, or through another resource (a backup) that names its cluster.
+    cluster = await session.get(Cluster, job.params.get("cluster_id") or job.resource_id)
     if cluster is None or not subject.can_see_cluster(cluster.org_id, cluster.project_id, cluster.id):
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     return job

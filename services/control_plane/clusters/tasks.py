@@ -36,6 +36,7 @@ KIND_STATUS: dict[str, tuple[Status, Status]] = {  # job kind → (status while 
     "cluster.suspend": (Status.SUSPENDING, Status.SUSPENDED),
     "cluster.resume": (Status.RESUMING, Status.RUNNING),
     "cluster.delete": (Status.DELETING, Status.DELETED),
+    "backup.restore": (Status.RESTORING, Status.RUNNING),
 }
 
 
@@ -133,6 +134,25 @@ def _started(handle_url: str, state: dict[str, Any]) -> dict[str, Any]:
 
 def _provision(w: Work) -> dict[str, Any]:
     handle = get_provisioner(w.provisioner).start(w.spec, get_settings().engine_start_timeout_seconds)
+    if w.params.get("restore_uri"):  # a new cluster made from a backup
+        _restore_into(handle.url, w.spec.token, w.params["restore_uri"])
+    return _started(handle.url, handle.state)
+
+
+def _restore_into(url: str, token: str, uri: str) -> None:
+    """Load a snapshot into a just-started engine; a retried task finds it loaded already and does nothing."""
+    stats = engine_call(url, token, "GET", "/internal/stats")
+    if not stats.get("collections"):
+        engine_call(url, token, "POST", "/internal/restore", {"uri": uri}, timeout=3600)
+
+
+def _restore_in_place(w: Work) -> dict[str, Any]:
+    """Replace a cluster's data with a backup: stop, wipe, start empty, load the snapshot."""
+    prov = get_provisioner(w.provisioner)
+    prov.destroy(w.cluster_id, w.spec.state)
+    spec = EngineSpec(w.cluster_id, w.spec.cu_size, w.spec.replicas, w.spec.token, w.spec.data_key, {})
+    handle = prov.start(spec, get_settings().engine_start_timeout_seconds)
+    _restore_into(handle.url, w.spec.token, w.params["uri"])
     return _started(handle.url, handle.state)
 
 
@@ -157,6 +177,7 @@ def _suspend(w: Work) -> dict[str, Any]:
         uri = snapshot_uri(w.cluster_id, "suspend")
         engine_call(w.engine_url, w.spec.token, "POST", "/internal/snapshot", {"uri": uri}, timeout=3600)
         state["snapshot_uri"] = uri
+        state.pop("restored", None)  # the next resume loads this new snapshot
     elif "snapshot_uri" not in state:
         raise ProvisionError("the engine is not running and no snapshot exists to suspend from")
     prov.destroy(w.cluster_id, state)
@@ -170,9 +191,7 @@ def _resume(w: Work) -> dict[str, Any]:
     state = dict(handle.state)
     uri = state.get("snapshot_uri")
     if uri and not state.get("restored"):
-        stats = engine_call(handle.url, w.spec.token, "GET", "/internal/stats")
-        if not stats.get("collections"):
-            engine_call(handle.url, w.spec.token, "POST", "/internal/restore", {"uri": uri}, timeout=3600)
+        _restore_into(handle.url, w.spec.token, uri)
         state["restored"] = True
     return _started(handle.url, state)
 
@@ -189,6 +208,7 @@ WORK: dict[str, Callable[[Work], dict[str, Any]]] = {
     "cluster.suspend": _suspend,
     "cluster.resume": _resume,
     "cluster.delete": _delete,
+    "backup.restore": _restore_in_place,
 }
 
 
@@ -290,7 +310,7 @@ def redrive(cluster_id: str) -> int:
         if c is None or c.status not in {st.value for st in TRANSITIONAL}:
             return 0
         kind = next((k for k, (during, _) in KIND_STATUS.items() if during.value == c.status), None)
-        if kind is None:  # RESTORING is driven by the backups domain
+        if kind is None:
             return 0
         job = s.scalars(
             select(Job).where(Job.resource_id == c.id, Job.kind == kind).order_by(Job.created_at.desc()).limit(1)
