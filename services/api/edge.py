@@ -14,6 +14,7 @@ parsing; their OpenAPI description is added by ``openapi_paths()``.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ READ_ACTIONS = {"search": "data:read", "hybrid-search": "data:read", "fetch": "d
                 "count": "data:read"}  # fmt: skip
 WRITE_ACTIONS = {"upsert": "data:write", "delete": "data:write", "imports": "data:write"}
 _HOP_HEADERS = {b"content-type", b"retry-after"}
+_BUFFER_LIMIT = 1 << 20  # engine answers up to this size are relayed whole, larger ones streamed
 
 
 @dataclass(frozen=True)
@@ -150,31 +152,32 @@ class Edge:
             raise NotFound(f"cluster {cluster_id} not found", code="cluster_not_found")
         subject.require_cluster(route.org_id, route.project_id, route.id, privilege)
         await self.rate_limit(subject, route.id)
-        if route.status != Status.RUNNING.value or not route.engine_url:
-            if route.status == Status.SUSPENDED.value and route.plan == "serverless":
-                await self.resume_on_call(route)
-                raise ServiceUnavailable(
-                    f"cluster {route.id} was suspended and is resuming; retry shortly",
-                    retry_after=2, code="cluster_resuming",
-                )  # fmt: skip
-            raise ServiceUnavailable(
-                f"cluster {route.id} is {route.status}, not RUNNING", retry_after=5, code="cluster_not_ready"
-            )
+        await self._require_running(route)
         body = await self._body(request)
         headers = {"authorization": f"Bearer {route.token}"}
         if body:
             headers["content-type"] = request.headers.get("content-type", "application/json")
-        url = f"{route.engine_url}/v1/collections{rest}"
-        req = self.client.build_request(request.method, url, content=body, headers=headers,
-                                        params=request.url.query or None)  # fmt: skip
         for attempt in (0, 1):
+            assert route is not None
+            url = f"{route.engine_url}/v1/collections{rest}"
+            headers["authorization"] = f"Bearer {route.token}"
+            req = self.client.build_request(request.method, url, content=body, headers=headers,
+                                            params=request.url.query or None)  # fmt: skip
             try:
                 resp = await self.client.send(req, stream=True)
                 break
             except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-                if attempt == 0 and retry_ok:
-                    continue
+                # The cached route may be stale (the cluster was suspended, or its engine restarted elsewhere):
+                # look again; a connection that was never made is safe to retry even for a write.
                 self.invalidate(route.id)
+                if attempt == 0:
+                    fresh = await self.resolve(route.id)
+                    if fresh is None:
+                        raise NotFound(f"cluster {cluster_id} not found", code="cluster_not_found") from exc
+                    await self._require_running(fresh)
+                    if retry_ok or isinstance(exc, httpx.ConnectError):
+                        route = fresh
+                        continue
                 raise ServiceUnavailable(
                     f"cluster {route.id}'s engine is not reachable; retry shortly", retry_after=2,
                     code="engine_unavailable",
@@ -184,8 +187,46 @@ class Edge:
                     f"cluster {route.id}'s engine did not answer in time", retry_after=2, code="engine_timeout"
                 ) from exc
         out_headers = {k.decode(): v.decode() for k, v in resp.headers.raw if k.lower() in _HOP_HEADERS}
+        # Small answers (nearly all) are relayed in one piece: streaming them costs a task group and a generator
+        # per request for nothing. Past _BUFFER_LIMIT what was read is sent and the rest streamed.
+        raw = resp.aiter_raw()
+        head: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in raw:
+                head.append(chunk)
+                size += len(chunk)
+                if size > _BUFFER_LIMIT:
+                    break
+            else:
+                await resp.aclose()
+                return Response(b"".join(head), status_code=resp.status_code, headers=out_headers)
+        except BaseException:
+            await resp.aclose()
+            raise
+
+        async def relay() -> AsyncIterator[bytes]:
+            for chunk in head:
+                yield chunk
+            async for chunk in raw:
+                yield chunk
+
         return StreamingResponse(
-            resp.aiter_raw(), status_code=resp.status_code, headers=out_headers, background=BackgroundTask(resp.aclose)
+            relay(), status_code=resp.status_code, headers=out_headers, background=BackgroundTask(resp.aclose)
+        )
+
+    async def _require_running(self, route: ClusterRoute) -> None:
+        """503 + Retry-After unless the cluster is RUNNING; a suspended serverless cluster starts resuming."""
+        if route.status == Status.RUNNING.value and route.engine_url:
+            return
+        if route.status == Status.SUSPENDED.value and route.plan == "serverless":
+            await self.resume_on_call(route)
+            raise ServiceUnavailable(
+                f"cluster {route.id} was suspended and is resuming; retry shortly",
+                retry_after=2, code="cluster_resuming",
+            )  # fmt: skip
+        raise ServiceUnavailable(
+            f"cluster {route.id} is {route.status}, not RUNNING", retry_after=5, code="cluster_not_ready"
         )
 
     @staticmethod
