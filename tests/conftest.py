@@ -77,6 +77,15 @@ def _fast_password_hashing() -> Iterator[None]:
     crypto._hasher = original
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_engines_at_exit() -> Iterator[None]:
+    """Cluster engines run as their own sessions' processes: stop every one started under the test home."""
+    yield
+    from tests.clusterkit import stop_engines
+
+    stop_engines(_TMP)
+
+
 @pytest.fixture(scope="session")
 def backend() -> str:
     return "postgresql" if PG_URL else "sqlite"

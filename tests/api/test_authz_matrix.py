@@ -10,6 +10,7 @@ table below. Destructive routes get a fresh target per cell. A route of the app 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from sqlalchemy import select, update
 
 from services.auth import crypto
 from services.auth.models import ApiKey, RoleBinding
+from services.control_plane.clusters.models import Cluster
 from services.core.ids import new_id
+from tests.clusterkit import create_cluster, insert_cluster
 from tests.conftest import PASSWORD, Tenant, add_member, auth, create_key, signup, unique_email
 
 # Columns (the table's header). Users: own = the org owner; bil, mem = members with org_billing_admin, org_member;
@@ -67,7 +70,38 @@ PATCH  /v1/api-keys/{key_id}                200 403 403 403 403 403 403 200 200 
 DELETE /v1/api-keys/{key_id}                204 403 403 403 403 403 403 204 204 403 403 404 404 401 401 401
 POST   /v1/api-keys/{key_id}/rotate         200 403 403 403 403 403 403 200 200 403 403 404 404 401 401 401
 GET    /v1/orgs/{org_id}/audit-logs         200 403 403 403 403 403 403 200 200 403 403 404 404 401 401 401
+POST   /v1/projects/{project_id}/clusters   202 404 404 202 202 403 403 404 202 202 403 404 404 401 401 401
+GET    /v1/projects/{project_id}/clusters   200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+GET    /v1/clusters/{cluster_id}            200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+PATCH  /v1/clusters/{cluster_id}            202 404 404 202 202 403 403 404 202 202 403 404 404 401 401 401
+POST   /v1/clusters/{cluster_id}/suspend    202 404 404 202 202 403 403 404 202 202 403 404 404 401 401 401
+POST   /v1/clusters/{cluster_id}/resume     202 404 404 202 202 403 403 404 202 202 403 404 404 401 401 401
+DELETE /v1/clusters/{cluster_id}            202 404 404 202 202 403 403 404 202 202 403 404 404 401 401 401
+GET    /v1/clusters/{cluster_id}/metrics    200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+GET    /v1/jobs/{job_id}                    200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+POST   /v1/clusters/{cluster_id}/backups    202 404 404 202 202 403 403 404 202 202 403 404 404 401 401 401
+GET    /v1/clusters/{cluster_id}/backups    200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+GET    /v1/backups/{backup_id}              200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+DELETE /v1/backups/{backup_id}              204 404 404 204 204 403 403 404 204 204 403 404 404 401 401 401
+POST   /v1/backups/{backup_id}/restore      202 404 404 202 202 403 403 404 202 202 403 404 404 401 401 401
+GET    /v1/clusters/{cluster_id}/backup-policy
+                                            200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+PUT    /v1/clusters/{cluster_id}/backup-policy
+                                            200 404 404 200 200 403 403 404 200 200 403 404 404 401 401 401
+GET    {dp}                                 200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+POST   {dp}                                 201 404 404 201 201 201 403 404 201 201 201 404 404 401 401 401
+GET    {dp}/{name}                          200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+DELETE {dp}/{name}                          200 404 404 200 200 403 403 404 200 200 403 404 404 401 401 401
+POST   {dp}/{name}/upsert                   200 404 404 200 200 200 403 404 200 200 200 404 404 401 401 401
+POST   {dp}/{name}/delete                   200 404 404 200 200 200 403 404 200 200 200 404 404 401 401 401
+POST   {dp}/{name}/fetch                    200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+POST   {dp}/{name}/search                   200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+POST   {dp}/{name}/hybrid-search            200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+POST   {dp}/{name}/query                    200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
+POST   {dp}/{name}/count                    200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
 """
+# Data-plane rows: {dp} stands for the edge's prefix; every such row is served by one of the edge's two routes.
+DP = "/v1/clusters/{cluster_id}/collections"
 
 # Routes that need no credentials at all (they are tried without them in test_public_routes).
 PUBLIC = {
@@ -82,7 +116,13 @@ PUBLIC = {
 
 def _parse(table: str) -> dict[tuple[str, str], dict[str, int]]:
     rows: dict[tuple[str, str], dict[str, int]] = {}
-    for line in table.strip().splitlines()[1:]:
+    lines: list[str] = []
+    for line in table.strip().splitlines()[1:]:  # a row whose path is too long continues on the next line
+        if line.startswith(" ") and lines:
+            lines[-1] += line
+        else:
+            lines.append(line)
+    for line in lines:
         method, path, *codes = line.split()
         assert len(codes) == len(COLUMNS), f"row {method} {path} has {len(codes)} cells, not {len(COLUMNS)}"
         assert (method, path) not in rows, f"row {method} {path} is listed twice"
@@ -92,6 +132,16 @@ def _parse(table: str) -> dict[tuple[str, str], dict[str, int]]:
 
 COLUMNS = MATRIX.strip().splitlines()[0].split()
 EXPECTED = _parse(MATRIX)
+
+
+def _app_route(row: tuple[str, str]) -> tuple[str, str]:
+    """The app route that serves a row: data-plane rows map onto the edge's two routes."""
+    method, path = row
+    if path == "{dp}":
+        return method, DP
+    if path.startswith("{dp}/"):
+        return method, DP + "{rest:path}"
+    return row
 
 
 def _app_routes(app: FastAPI) -> set[tuple[str, str]]:
@@ -127,6 +177,9 @@ class World:
     victim_id: str
     target_key_id: str
     who: dict[str, Who] = field(default_factory=dict)
+    cluster_id: str = ""  # the matrix cluster: a real engine in the default project, kcl's only cluster
+    job_id: str = ""  # its provisioning job
+    backup_id: str = ""  # an AVAILABLE backup of it
 
     @property
     def org_id(self) -> str:
@@ -205,6 +258,13 @@ async def world(app: FastAPI, cheap_password_hashing: None) -> AsyncIterator[Wor
         target_key = await create_key(client, owner, name="target key", org_role="org_member")
 
         w = World(app, client, owner, other, third, custom["id"], target_role["id"], victim.user_id, target_key["id"])
+        # The matrix cluster (Celery is eager: it is RUNNING when created) with a collection and a backup.
+        cluster = await create_cluster(client, owner.access_token, prj, name="matrix")
+        w.cluster_id, w.job_id = cluster["id"], cluster["job_id"]
+        await w.ok("POST", f"/v1/clusters/{w.cluster_id}/collections", SHARED_COLLECTION)
+        await w.ok("POST", f"{_dp(w)}/{SHARED}/upsert", {"records": SHARED_RECORDS})
+        w.backup_id = (await w.ok("POST", f"/v1/clusters/{w.cluster_id}/backups"))["id"]
+        assert (await w.ok("GET", f"/v1/backups/{w.backup_id}"))["status"] == "AVAILABLE"
 
         async def member(org_role: str, project_role: str | None = None) -> Tenant:
             roles = [{"project_id": prj, "role": project_role}] if project_role else []
@@ -229,7 +289,7 @@ async def world(app: FastAPI, cheap_password_hashing: None) -> AsyncIterator[Wor
             "kcl": await create_key(
                 client,
                 owner,
-                project_roles=[{"project_id": prj, "role": "data_writer", "cluster_ids": ["cl_matrix0001"]}],
+                project_roles=[{"project_id": prj, "role": "data_writer", "cluster_ids": [w.cluster_id]}],
             ),
             "oky": await create_key(client, other, org_role="org_owner"),
             "exp": await create_key(client, owner, org_role="org_owner"),
@@ -245,7 +305,12 @@ async def world(app: FastAPI, cheap_password_hashing: None) -> AsyncIterator[Wor
         assert r.status_code == 204, r.text
         w.who["non"] = Who("non", None)
         assert set(w.who) == set(COLUMNS)
-        yield w
+        try:
+            yield w
+        finally:
+            r = await client.delete(f"/v1/clusters/{w.cluster_id}", headers=owner.headers)
+            assert r.status_code == 202, r.text
+            assert (await w.ok("GET", f"/v1/clusters/{w.cluster_id}"))["status"] == "DELETED"
 
 
 # -- how each route is called -----------------------------------------------------------------------------------
@@ -254,7 +319,8 @@ class Call:
     url: str
     body: Any = None
     token: str | None = None
-    after: Callable[[httpx.Response], None] | None = None
+    after: Callable[[httpx.Response], Any] | None = None  # may be async
+    quiet: bool = False  # drop the background tasks the request sends (no engine for a throwaway cluster)
 
 
 Prepare = Callable[[World, Who], Awaitable[Call]]
@@ -360,6 +426,107 @@ async def _rotate_key(w: World, who: Who) -> Call:
     return Call(f"/v1/api-keys/{await _fresh_key(w)}/rotate", {"grace_seconds": 0}, who.token)
 
 
+# -- clusters, backups and the data plane ---------------------------------------------------------------------
+SHARED = "shared"
+SHARED_COLLECTION = {
+    "name": SHARED,
+    "dimension": 4,
+    "metric": "cosine",
+    "fields": [{"name": "tag", "type": "string", "indexed": True}],
+    "text_field": "body",
+}
+SHARED_RECORDS = [
+    {"id": f"s{i}", "vector": [1.0 + i, 2.0, 3.0 - i, 0.5], "metadata": {"tag": "a" if i % 2 else "b"},
+     "text": f"matrix record number {i}"}
+    for i in range(6)
+]  # fmt: skip
+
+
+def _dp(w: World) -> str:
+    return f"/v1/clusters/{w.cluster_id}/collections"
+
+
+def _on_cluster(suffix: str = "", body: Any = None) -> Prepare:
+    async def prepare(w: World, who: Who) -> Call:
+        return Call(f"/v1/clusters/{w.cluster_id}{suffix}", body, who.token)
+
+    return prepare
+
+
+async def _retire(w: World, cluster_id: str) -> None:
+    """A throwaway cluster row ends DELETED (the reconciler then leaves it alone)."""
+    async with w.app.state.db.transaction() as s:
+        await s.execute(update(Cluster).where(Cluster.id == cluster_id).values(status="DELETED"))
+
+
+def _fresh_cluster(status: str, suffix: str = "", body: Any = None) -> Prepare:
+    """A throwaway cluster row with no engine behind it (its tasks fail at once); kcl, whose key is limited to the
+    matrix cluster, is pointed at that one instead, where it must be refused before anything changes."""
+
+    async def prepare(w: World, who: Who) -> Call:
+        if who.name == "kcl":
+            return Call(f"/v1/clusters/{w.cluster_id}{suffix}", body, who.token)
+        cluster_id = await insert_cluster(w.app, w.org_id, w.project_id, status)
+
+        async def retire(_: httpx.Response) -> None:
+            await _retire(w, cluster_id)
+
+        return Call(f"/v1/clusters/{cluster_id}{suffix}", body, who.token, retire)
+
+    return prepare
+
+
+def _retire_created(w: World) -> Callable[[httpx.Response], Any]:
+    async def after(r: httpx.Response) -> None:
+        if r.status_code == 202:
+            data = r.json()
+            await _retire(w, data.get("cluster_id") or data["id"])
+
+    return after
+
+
+async def _create_cluster(w: World, who: Who) -> Call:
+    body = {"name": f"mx-{uuid.uuid4().hex[:8]}", "plan": "serverless", "region": "local"}
+    return Call(f"/v1/projects/{w.project_id}/clusters", body, who.token, _retire_created(w), quiet=True)
+
+
+async def _job(w: World, who: Who) -> Call:
+    return Call(f"/v1/jobs/{w.job_id}", token=who.token)
+
+
+async def _backup(w: World, who: Who) -> Call:
+    return Call(f"/v1/backups/{w.backup_id}", token=who.token)
+
+
+async def _delete_backup(w: World, who: Who) -> Call:
+    backup = await w.ok("POST", f"/v1/clusters/{w.cluster_id}/backups")
+    return Call(f"/v1/backups/{backup['id']}", token=who.token)
+
+
+async def _restore_backup(w: World, who: Who) -> Call:
+    body = {"target": "new", "name": f"mx-r-{uuid.uuid4().hex[:8]}", "project_id": w.project_id}
+    return Call(f"/v1/backups/{w.backup_id}/restore", body, who.token, _retire_created(w), quiet=True)
+
+
+def _data(suffix: str, body: Any = None) -> Prepare:
+    async def prepare(w: World, who: Who) -> Call:
+        return Call(f"{_dp(w)}{suffix}", body, who.token)
+
+    return prepare
+
+
+async def _create_collection(w: World, who: Who) -> Call:
+    return Call(_dp(w), {"name": f"mx_{uuid.uuid4().hex[:8]}", "dimension": 4, "metric": "l2"}, who.token)
+
+
+async def _drop_collection(w: World, who: Who) -> Call:
+    name = f"mx_{uuid.uuid4().hex[:8]}"
+    await w.ok("POST", _dp(w), {"name": name, "dimension": 4, "metric": "l2"})
+    return Call(f"{_dp(w)}/{name}", token=who.token)
+
+
+_VEC = [1.0, 2.0, 3.0, 0.5]
+
 CALLS: dict[tuple[str, str], Prepare] = {
     ("GET", "/v1/me"): _simple("/v1/me"),
     ("POST", "/v1/auth/logout"): _logout,
@@ -391,6 +558,37 @@ CALLS: dict[tuple[str, str], Prepare] = {
     ("DELETE", "/v1/api-keys/{key_id}"): _delete_key,
     ("POST", "/v1/api-keys/{key_id}/rotate"): _rotate_key,
     ("GET", "/v1/orgs/{org_id}/audit-logs"): _simple("/v1/orgs/{org}/audit-logs"),
+    ("POST", "/v1/projects/{project_id}/clusters"): _create_cluster,
+    ("GET", "/v1/projects/{project_id}/clusters"): _simple("/v1/projects/{prj}/clusters"),
+    ("GET", "/v1/clusters/{cluster_id}"): _on_cluster(),
+    ("PATCH", "/v1/clusters/{cluster_id}"): _fresh_cluster("RUNNING", "", {"cu_size": 2}),
+    ("POST", "/v1/clusters/{cluster_id}/suspend"): _fresh_cluster("RUNNING", "/suspend"),
+    ("POST", "/v1/clusters/{cluster_id}/resume"): _fresh_cluster("SUSPENDED", "/resume"),
+    ("DELETE", "/v1/clusters/{cluster_id}"): _fresh_cluster("RUNNING"),
+    ("GET", "/v1/clusters/{cluster_id}/metrics"): _on_cluster("/metrics"),
+    ("GET", "/v1/jobs/{job_id}"): _job,
+    ("POST", "/v1/clusters/{cluster_id}/backups"): _on_cluster("/backups"),
+    ("GET", "/v1/clusters/{cluster_id}/backups"): _on_cluster("/backups"),
+    ("GET", "/v1/backups/{backup_id}"): _backup,
+    ("DELETE", "/v1/backups/{backup_id}"): _delete_backup,
+    ("POST", "/v1/backups/{backup_id}/restore"): _restore_backup,
+    ("GET", "/v1/clusters/{cluster_id}/backup-policy"): _on_cluster("/backup-policy"),
+    ("PUT", "/v1/clusters/{cluster_id}/backup-policy"): _on_cluster(
+        "/backup-policy", {"enabled": False, "every_hours": 24, "retention_days": 7}
+    ),
+    ("GET", "{dp}"): _data(""),
+    ("POST", "{dp}"): _create_collection,
+    ("GET", "{dp}/{name}"): _data(f"/{SHARED}"),
+    ("DELETE", "{dp}/{name}"): _drop_collection,
+    ("POST", "{dp}/{name}/upsert"): _data(f"/{SHARED}/upsert", {"records": SHARED_RECORDS[:2]}),
+    ("POST", "{dp}/{name}/delete"): _data(f"/{SHARED}/delete", {"ids": ["no-such-id"]}),
+    ("POST", "{dp}/{name}/fetch"): _data(f"/{SHARED}/fetch", {"ids": ["s1"]}),
+    ("POST", "{dp}/{name}/search"): _data(f"/{SHARED}/search", {"vector": _VEC, "top_k": 3}),
+    ("POST", "{dp}/{name}/hybrid-search"): _data(
+        f"/{SHARED}/hybrid-search", {"vector": _VEC, "text": "matrix record", "top_k": 3}
+    ),
+    ("POST", "{dp}/{name}/query"): _data(f"/{SHARED}/query", {"filter": {"tag": "a"}, "limit": 10}),
+    ("POST", "{dp}/{name}/count"): _data(f"/{SHARED}/count", {}),
 }
 
 
@@ -398,9 +596,10 @@ CALLS: dict[tuple[str, str], Prepare] = {
 def test_table_covers_every_route(app: FastAPI) -> None:
     routes = _app_routes(app)
     assert routes, "no /v1 routes found"
-    missing = sorted(routes - set(EXPECTED) - PUBLIC)
+    rows = {_app_route(r) for r in EXPECTED}
+    missing = sorted(routes - rows - PUBLIC)
     assert not missing, f"routes without a row in the authorization matrix: {missing}"
-    stale = sorted((set(EXPECTED) | PUBLIC) - routes)
+    stale = sorted((rows | PUBLIC) - routes)
     assert not stale, f"matrix rows for routes that do not exist: {stale}"
     assert set(CALLS) == set(EXPECTED)
 
@@ -414,20 +613,27 @@ def test_table_never_confirms_another_tenants_resource() -> None:
 
 
 @pytest.mark.parametrize("route", list(EXPECTED), ids=[f"{m} {p}" for m, p in EXPECTED])
-async def test_matrix(world: World, route: tuple[str, str]) -> None:
+async def test_matrix(world: World, route: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.auth import deps
+
     method = route[0]
     actual: dict[str, int] = {}
+    send = deps.send
     for name in COLUMNS:
         who = world.who[name]
         call = await CALLS[route](world, who)
         headers = auth(call.token) if call.token else {}
+        monkeypatch.setattr(deps, "send", (lambda *a, **k: None) if call.quiet else send)
         r = await world.client.request(method, call.url, json=call.body, headers=headers)
+        monkeypatch.setattr(deps, "send", send)
         actual[name] = r.status_code
         if r.status_code >= 400:
             assert r.headers["content-type"].startswith("application/problem+json"), r.text
             assert r.json()["status"] == r.status_code
         if call.after:
-            call.after(r)
+            done = call.after(r)
+            if inspect.isawaitable(done):
+                await done
     expected = EXPECTED[route]
     wrong = {c: f"expected {expected[c]}, got {actual[c]}" for c in COLUMNS if actual[c] != expected[c]}
     assert not wrong, f"{method} {route[1]}: {wrong}"

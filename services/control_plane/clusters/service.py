@@ -23,6 +23,7 @@ from services.control_plane.clusters import state
 from services.control_plane.clusters.models import Cluster, ClusterMetric, IdempotencyRecord, Job
 from services.control_plane.clusters.schemas import ClusterIn, ClusterOut, ClusterPatch, EncryptionOut
 from services.control_plane.clusters.state import Status
+from services.control_plane.models import Project
 from services.core import audit
 from services.core.celery_app import enqueue
 from services.core.db import utcnow
@@ -177,7 +178,11 @@ async def get_cluster(session: AsyncSession, subject: AuthSubject, cluster_id: s
 async def list_clusters(
     session: AsyncSession, subject: AuthSubject, project_id: str, after: str | None, limit: int
 ) -> Sequence[Cluster]:
-    project = await org_service.get_project(session, subject, project_id, "project:read")
+    # Anyone who sees the project lists the clusters they may see: a key limited to one cluster of the project
+    # (no project:read) lists just that one.
+    project = await session.get(Project, project_id)
+    if project is None or not subject.can_see_project(project.org_id, project.id):
+        raise NotFound(f"project {project_id} not found", code="project_not_found")
     rows = await repo.clusters_of_project(session, project.id, after, limit)
     return [c for c in rows if subject.can_see_cluster(c.org_id, c.project_id, c.id)]
 

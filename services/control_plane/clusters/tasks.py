@@ -239,11 +239,21 @@ def reconcile() -> dict[str, int]:
                 Cluster.status.in_([st.value for st in TRANSITIONAL]), Cluster.updated_at < utcnow() - STUCK_AFTER
             )
         ).all()
+    # One cluster's trouble (a provisioner not available here, a key that no longer unwraps) must not stop the
+    # pass for every other cluster.
     for cluster_id in running:
-        outcome = heartbeat(cluster_id)
+        try:
+            outcome = heartbeat(cluster_id)
+        except Exception:
+            log.exception("reconcile: heartbeat of %s failed", cluster_id)
+            outcome = "errors"
         counts[outcome] = counts.get(outcome, 0) + 1
     for cluster_id in stuck:
-        counts["redriven"] += redrive(cluster_id)
+        try:
+            counts["redriven"] += redrive(cluster_id)
+        except Exception:
+            log.exception("reconcile: re-driving %s failed", cluster_id)
+            counts["errors"] = counts.get("errors", 0) + 1
     counts["purged"] = purge_deleted()
     return counts
 

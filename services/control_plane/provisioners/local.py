@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from services.control_plane.provisioners.base import EngineHandle, EngineSpec, ProvisionError
+from services.control_plane.provisioners.base import EngineHandle, EngineSpec, Provisioner, ProvisionError
 from services.core.settings import get_settings
 
 _GIB = 1 << 30
@@ -97,10 +97,14 @@ class LocalProvisioner:
                 yield record
             finally:
                 if record != before:
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(record))
-                    tmp.replace(path)
+                    self._save_record(cluster_id, record)
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _save_record(self, cluster_id: str, record: dict[str, Any]) -> None:
+        path = self.root / f"{cluster_id}.state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
 
     def start(self, spec: EngineSpec, timeout: float = 60.0) -> EngineHandle:
         with self._locked(spec.cluster_id) as record:
@@ -146,6 +150,9 @@ class LocalProvisioner:
             log.close()
         url = f"http://127.0.0.1:{port}"
         state.update(pid=proc.pid, port=port, data_dir=str(data_dir))
+        # Recorded at once: if the caller dies while the engine boots (a Celery worker killed mid-provision), the
+        # next start re-adopts this process instead of starting a second engine on the same data folder.
+        self._save_record(spec.cluster_id, {"pid": proc.pid, "port": port, "data_dir": str(data_dir)})
         if not self._wait_healthy(url, spec.token, proc.pid, timeout, proc) or proc.poll() is not None:
             self._kill(proc.pid)
             raise ProvisionError("the engine did not become healthy in time")
@@ -203,7 +210,25 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-def get_provisioner(name: str) -> LocalProvisioner:
+def get_provisioner(name: str) -> Provisioner:
     if name == "local":
         return LocalProvisioner()
+    if name == "kubernetes":
+        from kubernetes import client, config
+
+        from services.control_plane.provisioners.kubernetes import KubernetesProvisioner
+
+        try:  # in a pod: the service account; elsewhere: ~/.kube/config
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        s = get_settings()
+        return KubernetesProvisioner(
+            client.ApiClient(),
+            namespace=s.k8s_namespace,
+            image=s.k8s_engine_image,
+            memory_per_cu_gib=s.k8s_memory_per_cu_gib,
+            storage_per_cu_gib=s.k8s_storage_per_cu_gib,
+            storage_class=s.k8s_storage_class or None,
+        )
     raise ProvisionError(f"provisioner {name!r} is not available in this deployment")
