@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     smtp_timeout_seconds: float = 10.0
 
     # Clusters and the data plane.
-    provisioner: Literal["local"] = "local"
+    provisioner: Literal["local", "kubernetes"] = "local"
+    k8s_namespace: str = "vecta-tenants"
+    k8s_engine_image: str = "vecta:latest"
+    k8s_memory_per_cu_gib: int = Field(4, ge=1)
+    k8s_storage_per_cu_gib: int = Field(20, ge=1)
+    k8s_storage_class: str = ""
     object_store_uri: str = ""  # s3://bucket/prefix or file:///path; empty: file://$VECTA_HOME/objects
     local_memory_per_cu_gib: int = Field(8, ge=1)
     max_cu_size: int = Field(16, ge=1)
