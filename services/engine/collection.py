@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import heapq
 import logging
+import math
 import struct
 import threading
 import time
@@ -51,6 +52,7 @@ OP_UPSERT = 1
 OP_DELETE = 2
 SEG_SHIFT = 32
 ROW_MASK = (1 << SEG_SHIFT) - 1
+GROW_RESERVE_BYTES = 256 << 20  # at most this much address space reserved for a growing segment's vectors
 READ_UNIT_VECTORS = 100_000  # one read unit per query per this many vectors searched
 
 
@@ -150,6 +152,10 @@ class Collection:
     def _new_growing(self) -> Segment:
         seg = Segment(self.next_seg_no, self.cfg)
         self.next_seg_no += 1
+        # reserve the vector buffer up to the seal size (address space only: pages are touched as rows come),
+        # so appends never copy the whole buffer to grow it
+        assert seg.vec is not None
+        seg.vec.reserve(max(0, min(self.settings.seal_rows, GROW_RESERVE_BYTES // (4 * self.cfg.dimension))))
         self.by_no[seg.seg_no] = seg
         return seg
 
@@ -229,9 +235,10 @@ class Collection:
     # WAL payloads
     # ------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _encode_upsert(batch: Batch) -> bytes:
+    def _encode_upsert(batch: Batch) -> list[bytes | memoryview]:
         head = orjson.dumps({"ids": batch.ids, "metas": batch.metas, "texts": batch.texts})
-        return struct.pack("<BI", OP_UPSERT, len(head)) + head + batch.vectors.tobytes()
+        vecs = np.ascontiguousarray(batch.vectors, dtype=np.float32)
+        return [struct.pack("<BI", OP_UPSERT, len(head)), head, vecs.data.cast("B")]
 
     def _replay(self, payload: bytes) -> None:
         op = payload[0]
@@ -282,15 +289,21 @@ class Collection:
         return count
 
     def upsert(self, batch: Batch) -> int:
-        payload = self._encode_upsert(batch)
+        return self.upsert_many([batch])[0]
+
+    def upsert_many(self, batches: list[Batch]) -> list[int]:
+        """Write several batches with one WAL fsync (group commit); each is its own WAL record, so each is
+        applied all or nothing, and none is visible before all are durable."""
+        payloads = [self._encode_upsert(b) for b in batches]
         with self.write_lock:
             self._check_open()
             assert self.wal is not None
-            self.wal.append(payload)  # durable before anything becomes visible or is acknowledged
-            self._apply_upsert(batch)
-            self.write_units += len(batch.ids)
+            self.wal.append_many(payloads)  # durable before anything becomes visible or is acknowledged
+            for batch in batches:
+                self._apply_upsert(batch)
+                self.write_units += len(batch.ids)
             self.last_write = time.monotonic()
-        return len(batch.ids)
+        return [len(b.ids) for b in batches]
 
     def delete(self, body: dict[str, Any]) -> int:
         expect_object(body, {"ids", "filter"})
@@ -512,7 +525,7 @@ class Collection:
             if dist.shape[1] == 0:
                 continue
             dists.append(dist)
-            labs.append(lab.astype(np.int64) | (np.int64(len(segs)) << SEG_SHIFT))
+            labs.append(lab | (len(segs) << SEG_SHIFT) if segs else lab)  # -1 stays -1 for the first part
             segs.append(seg)
         self.read_units += nq * max(1, -(-scanned // READ_UNIT_VECTORS))
         if not dists:
@@ -520,19 +533,20 @@ class Collection:
         dist = np.concatenate(dists, axis=1) if len(dists) > 1 else dists[0]
         lab = np.concatenate(labs, axis=1) if len(labs) > 1 else labs[0]
         lower_better = self.cfg.metric == "l2"
-        dist = np.where((lab & ROW_MASK) == ROW_MASK, np.inf if lower_better else -np.inf, dist)  # -1 labels
         if len(dists) > 1 or dist.shape[1] > k:
+            dist = np.where((lab & ROW_MASK) == ROW_MASK, np.inf if lower_better else -np.inf, dist)  # -1 labels
             order = np.argsort(dist if lower_better else -dist, axis=1, kind="stable")[:, :k]
             dist = np.take_along_axis(dist, order, axis=1)
             lab = np.take_along_axis(lab, order, axis=1)
         out = []
         dist_l = dist.tolist()
         lab_l = lab.tolist()
+        isfinite = math.isfinite
         for qi in range(nq):
             row = []
             for s, key in zip(dist_l[qi], lab_l[qi], strict=True):
                 r = key & ROW_MASK
-                if r == ROW_MASK or not np.isfinite(s):
+                if r == ROW_MASK or not isfinite(s):
                     continue
                 row.append((s, segs[key >> SEG_SHIFT], r))
             out.append(row)

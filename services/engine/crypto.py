@@ -66,6 +66,13 @@ class DataCipher:
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, data, aad)
 
+    def seal_parts(self, data: bytes | list[bytes | memoryview], aad: bytes) -> tuple[bytes, bytes]:
+        """(nonce, ciphertext+tag) for ``data`` (or its parts concatenated), without joining nonce and text."""
+        if isinstance(data, list):
+            data = b"".join(data)
+        nonce = os.urandom(12)
+        return nonce, self._aead.encrypt(nonce, data, aad)
+
     def open(self, blob: bytes | memoryview, aad: bytes) -> bytes:
         if len(blob) < 28:
             raise CorruptionError("encrypted blob too short")

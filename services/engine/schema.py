@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,13 +237,109 @@ def to_matrix(rows: list[Any], dim: int, what: str) -> np.ndarray:
                 if isinstance(x, bool) or not isinstance(x, int | float):
                     raise BadRequest(f"{where}: vector[{j}] is not a number", code="validation_error")
         raise BadRequest(f"{what.format(i='?')}: malformed vectors", code="validation_error")
+    check_finite(arr, what)
+    return arr
+
+
+def check_finite(arr: np.ndarray, what: str) -> None:
+    """422 naming the first row with a NaN / infinite / out-of-float32-range component."""
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise Unprocessable(
             f"{what.format(i=int(bad[0]))}: vector[{int(bad[1])}] is NaN, infinite or outside float32 range",
             code="invalid_vector",
         )
-    return arr
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fast path for upsert bodies: simdjson (if installed) parses the vectors straight into a float buffer, so
+# a batch of 1,000 x 384 floats never becomes 384,000 Python floats. It only ever *accepts*: any input it
+# is not sure about (invalid JSON, wrong shapes, nested arrays, odd escapes, duplicate keys) returns None
+# and the orjson path parses the body again and produces the exact error. Values other than vectors are
+# converted to Python objects and validated by the same code as on the orjson path.
+# --------------------------------------------------------------------------------------------------------
+_simdjson: Any
+try:  # pragma: no cover - depends on the environment
+    import simdjson as _simdjson
+except ImportError:  # pragma: no cover
+    _simdjson = None
+
+_tls = threading.local()
+FAST_PARSE = _simdjson is not None  # tests flip this to exercise both paths
+
+
+def _parser() -> Any:
+    p = getattr(_tls, "parser", None)
+    if p is None:
+        p = _tls.parser = _simdjson.Parser()
+    return p
+
+
+def fast_records(body: bytes, dim: int) -> tuple[list[dict[str, Any]], np.ndarray] | None:
+    """(records without their ``vector``, float32 (n, dim) vectors), or None to use the orjson path."""
+    if _simdjson is None or not FAST_PARSE or not body or (b"\\" in body and b"u005" in body):
+        return None
+    try:
+        return _fast_records(body, dim)
+    except Exception:  # any doubt: the slow path decides (and names the error)
+        _tls.parser = None  # a parser whose document is still referenced cannot be reused
+        return None
+
+
+def _fast_records(body: bytes, dim: int) -> tuple[list[dict[str, Any]], np.ndarray] | None:
+    sj = _simdjson
+    assert sj is not None
+    doc: Any = _parser().parse(body)
+    recs: Any = None
+    r: Any = None
+    v: Any = None
+    val: Any = None
+    flat: Any = None
+    try:
+        if not isinstance(doc, sj.Object) or list(doc.keys()) != ["records"]:
+            return None
+        recs = doc["records"]
+        if not isinstance(recs, sj.Array):
+            return None
+        n = len(recs)
+        if n == 0 or n > MAX_UPSERT_RECORDS:
+            return None
+        out = np.empty((n, dim), dtype=np.float64)
+        records: list[dict[str, Any]] = []
+        obj, arr = sj.Object, sj.Array
+        for i in range(n):
+            r = recs[i]
+            if not isinstance(r, obj):
+                return None
+            keys = list(r.keys())
+            if len(set(keys)) != len(keys) or "vector" not in keys:
+                return None
+            v = r["vector"]
+            if not isinstance(v, arr) or len(v) != dim:
+                return None
+            flat = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)  # nested arrays are flattened:
+            if len(flat) != dim:  # the bracket count below catches those
+                return None
+            out[i] = flat
+            rec: dict[str, Any] = {}
+            for k in keys:
+                if k == "vector":
+                    continue
+                val = r[k]
+                if isinstance(val, obj):
+                    val = val.as_dict()
+                elif isinstance(val, arr):
+                    val = val.as_list()
+                rec[k] = val
+            records.append(rec)
+        # Every '[' of the body is the records array, a vector, or a '[' of the rest re-encoded (arrays and
+        # literal '[' in strings; no \u005b escapes, checked above): a vector with nested arrays adds more.
+        if body.count(b"[") != n + orjson.dumps(records).count(b"["):
+            return None
+        with np.errstate(over="ignore"):
+            return records, out.astype(np.float32)
+    finally:
+        doc = recs = r = v = val = flat = None  # release the parser's document
 
 
 def _check_value(ftype: str, v: Any, where: str) -> Any:
@@ -275,8 +372,14 @@ def _check_value(ftype: str, v: Any, where: str) -> Any:
 
 
 def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
-    doc = expect_object(loads(body), {"records"})
-    records = doc.get("records")
+    fast = fast_records(body, cfg.dimension)
+    matrix: np.ndarray | None = None
+    records: Any
+    if fast is not None:
+        records, matrix = fast
+    else:
+        doc = expect_object(loads(body), {"records"})
+        records = doc.get("records")
     if not isinstance(records, list) or not records:
         raise BadRequest("body.records must be a non-empty list", code="validation_error")
     if len(records) > MAX_UPSERT_RECORDS:
@@ -301,9 +404,10 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
             raise Unprocessable(f"records[{i}]: id {rid!r} appears more than once in the batch", code="duplicate_id")
         seen.add(rid)
         ids.append(rid)
-        if "vector" not in r:
-            raise BadRequest(f"records[{i}] ({rid!r}): vector is required", code="validation_error")
-        vecs.append(r["vector"])
+        if matrix is None:
+            if "vector" not in r:
+                raise BadRequest(f"records[{i}] ({rid!r}): vector is required", code="validation_error")
+            vecs.append(r["vector"])
         md = r.get("metadata")
         if md is not None:
             if not isinstance(md, dict):
@@ -332,7 +436,11 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
                 raise BadRequest(f"records[{i}] ({rid!r}): text longer than {MAX_TEXT_LEN}", code="validation_error")
         if texts is not None:
             texts.append(t)
-    vectors = to_matrix(vecs, cfg.dimension, "records[{i}]")
+    if matrix is None:
+        vectors = to_matrix(vecs, cfg.dimension, "records[{i}]")
+    else:
+        vectors = matrix
+        check_finite(vectors, "records[{i}]")
     if cfg.metric == "cosine":
         zero = np.flatnonzero(~(np.abs(vectors).max(axis=1) > 0))
         if len(zero):

@@ -46,7 +46,7 @@ class Grow:
     def reserve(self, extra: int) -> None:
         need = self.n + extra
         if need > len(self.arr):
-            cap = max(need, int(len(self.arr) * 1.5), 1024)
+            cap = max(need, int(len(self.arr) * 1.5), 1024 if self.n else 0)
             new = np.empty(self._shape(cap), dtype=self.dtype)
             new[: self.n] = self.arr[: self.n]
             self.arr = new  # publish the copy before any new row is written into it
@@ -433,6 +433,17 @@ def build_index(cfg: CollectionConfig, vectors: np.ndarray, threads: int) -> tup
     return index, kind, True
 
 
+def _raw_search(index: Any, x: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` without the Python wrapper's checks and copies (x is C-contiguous float32)."""
+    nq = len(x)
+    if not x.flags.c_contiguous or x.dtype != np.float32:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    dist = np.empty((nq, k), dtype=np.float32)
+    lab = np.empty((nq, k), dtype=np.int64)
+    index.search_c(nq, faiss.swig_ptr(x), k, faiss.swig_ptr(dist), faiss.swig_ptr(lab), params)
+    return dist, lab
+
+
 def flat_view(index: faiss.Index, n: int, d: int) -> np.ndarray:
     """Zero-copy view of the float32 vectors stored in a flat or HNSW-flat index."""
     storage = index if isinstance(index, faiss.IndexFlat) else faiss.downcast_index(index.storage)
@@ -465,6 +476,8 @@ class Segment:
         self.file: str | None = None  # persisted segment file name
         self._mask_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._view: np.ndarray | None = None
+        self._params: dict[tuple[str, int], Any] = {}  # read-only faiss search parameters, shared by threads
+        self._storage_index: Any = None
 
     # --- writes (caller holds the collection's write lock) ----------------------------------------------
     def stage(
@@ -536,16 +549,38 @@ class Segment:
         nprobe: int | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, local rows) over rows < n allowed by ``mask`` (None: all)."""
-        metric = faiss_metric(self.cfg.metric)
         nq = len(queries)
         if allowed <= 0 or n == 0:
             return np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64)
-        frac = allowed / n
         idx = self.index
+        kind = self.index_kind
+        if mask is None and idx is not None and n == self.n:
+            # the common case: the whole indexed segment, no filter; search parameters are cached
+            kk = min(k, n)
+            cached: Any = None
+            if kind == "hnsw":
+                cached = self._cached_params(("hnsw", max(ef or 64, kk)))
+            elif kind in ("ivf_flat", "ivf_pq"):
+                cached = self._cached_params(("ivf", nprobe or max(1, min(idx.nlist, 10))))
+            fetch = min(kk * PQ_RERANK, n) if kind == "ivf_pq" else kk
+            dist, lab = _raw_search(idx, queries, fetch, cached)
+            if kind == "ivf_pq":
+                return self._rerank(queries, lab, kk)
+            return dist, lab
+        metric = faiss_metric(self.cfg.metric)
+        frac = allowed / n
         exact = idx is None or (
-            mask is not None and self.index_kind != "flat" and (allowed <= EXACT_MAX_ROWS or frac <= EXACT_MAX_FRACTION)
+            mask is not None and kind != "flat" and (allowed <= EXACT_MAX_ROWS or frac <= EXACT_MAX_FRACTION)
         )
         if exact:
+            if mask is not None and idx is not None and kind in ("flat", "hnsw"):
+                # exact over the allowed rows of the index's own flat storage: no copy of the rows
+                storage = idx if kind == "flat" else self._storage()
+                bitmap = self._bitmap(mask)
+                sel0 = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+                dist, lab = _raw_search(storage, queries, min(k, allowed), faiss.SearchParameters(sel=sel0))
+                del bitmap
+                return dist, lab
             X = self.vectors(n)
             if mask is not None:
                 rows = np.flatnonzero(mask)
@@ -562,14 +597,14 @@ class Segment:
             sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
         kk = min(k, allowed)
         assert idx is not None
-        if self.index_kind == "hnsw":
+        if kind == "hnsw":
             e = max(ef or 64, kk)
             if mask is not None:
                 e = min(max(e, int(e / max(frac, 1e-6))), 4096)
             params: Any = (
                 faiss.SearchParametersHNSW(sel=sel, efSearch=e) if sel else faiss.SearchParametersHNSW(efSearch=e)
             )
-        elif self.index_kind in ("ivf_flat", "ivf_pq"):
+        elif kind in ("ivf_flat", "ivf_pq"):
             nlist = idx.nlist
             p = nprobe or max(1, min(nlist, 10))
             if mask is not None:
@@ -577,12 +612,31 @@ class Segment:
             params = faiss.SearchParametersIVF(sel=sel, nprobe=p) if sel else faiss.SearchParametersIVF(nprobe=p)
         else:
             params = faiss.SearchParameters(sel=sel) if sel else None
-        fetch = kk * PQ_RERANK if self.index_kind == "ivf_pq" else kk
-        dist, lab = idx.search(queries, min(fetch, n), params=params)
+        fetch = kk * PQ_RERANK if kind == "ivf_pq" else kk
+        dist, lab = _raw_search(idx, queries, min(fetch, n), params)
         del bits
-        if self.index_kind == "ivf_pq":
+        if kind == "ivf_pq":
             dist, lab = self._rerank(queries, lab, kk)
         return dist, lab
+
+    def _cached_params(self, key: tuple[str, int]) -> Any:
+        p = self._params.get(key)
+        if p is None:
+            if key[0] == "hnsw":
+                p = faiss.SearchParametersHNSW(efSearch=key[1])
+            else:
+                p = faiss.SearchParametersIVF(nprobe=key[1])
+            if len(self._params) > 64:
+                self._params.clear()
+            self._params[key] = p
+        return p
+
+    def _storage(self) -> Any:
+        st = self._storage_index
+        if st is None:
+            assert self.index is not None
+            st = self._storage_index = faiss.downcast_index(self.index.storage)
+        return st
 
     def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         X = self.vectors(self.n)

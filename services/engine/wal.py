@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from .crypto import CorruptionError, DataCipher
@@ -52,6 +53,20 @@ def read_wal(path: Path, cipher: DataCipher, aad: bytes) -> tuple[list[bytes], i
     return out, pos, False
 
 
+def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        written = os.writev(fd, views[:512])
+        while written and views:
+            n = len(views[0])
+            if written >= n:
+                written -= n
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
 class WalWriter:
     def __init__(self, path: Path, cipher: DataCipher, aad: bytes, *, valid_length: int, records: int) -> None:
         self.path = path
@@ -66,22 +81,30 @@ class WalWriter:
         self.size = valid_length
         self.records = records
 
-    def append(self, payload: bytes) -> None:
-        body = self._cipher.seal(payload, _aad(self._aad, self.records))
-        frame = _FRAME.pack(len(body), zlib.crc32(body)) + body
-        view = memoryview(frame)
+    def append(self, payload: bytes | list[bytes | memoryview]) -> None:
+        self.append_many([payload])
+
+    def append_many(self, payloads: Sequence[bytes | list[bytes | memoryview]]) -> None:
+        """Append records (each given whole or as parts to concatenate) and fdatasync once (group commit)."""
+        frames: list[bytes | memoryview] = []
+        size = 0
+        for i, payload in enumerate(payloads):
+            # one encryption per record; the frame is written with writev, not copied together
+            nonce, ct = self._cipher.seal_parts(payload, _aad(self._aad, self.records + i))
+            length = len(nonce) + len(ct)
+            crc = zlib.crc32(ct, zlib.crc32(nonce))
+            frames += (_FRAME.pack(length, crc), nonce, ct)
+            size += _FRAME.size + length
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            _writev_all(self._fd, frames)
             os.fdatasync(self._fd)
         except OSError:
             # never leave half a frame behind an acknowledged one: cut back to the last good end
             os.ftruncate(self._fd, self.size)
             os.lseek(self._fd, self.size, os.SEEK_SET)
             raise
-        self.size += len(frame)
-        self.records += 1
+        self.size += size
+        self.records += len(payloads)
 
     def close(self) -> None:
         if self._fd >= 0:
