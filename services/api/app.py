@@ -75,6 +75,7 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=MAX_CONTROL_BODY, exempt=edge.body_limit_exempt)
+    app.add_middleware(edge.EdgeDispatchMiddleware)
     app.add_middleware(RequestContextMiddleware)
     app.include_router(identity_router)
     app.include_router(control_router)

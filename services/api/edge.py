@@ -13,6 +13,7 @@ parsing; their OpenAPI description is added by ``openapi_paths()``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.api.errors import problem_response
 from services.auth.authenticate import Authenticator
@@ -256,6 +258,30 @@ class Edge:
 
 
 DATAPLANE_PREFIX = "/v1/clusters/{cluster_id}/collections"
+
+
+_DATAPLANE_PATH = re.compile(r"^/v1/clusters/([^/]+)/collections(/.*)?$")
+
+
+class EdgeDispatchMiddleware:
+    """Sends data-plane requests straight to the edge, past the FastAPI router and its per-route machinery (the
+    hot path); everything else, and data-plane paths with other methods (405), goes on to the app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "POST", "DELETE"):
+            match = _DATAPLANE_PATH.match(scope["path"])
+            if match is not None:
+                rest = match.group(2) or ""
+                scope["path_params"] = {"cluster_id": match.group(1), "rest": rest}
+                scope["vecta.route"] = DATAPLANE_PREFIX + ("{rest}" if rest else "")
+                edge: Edge = scope["app"].state.edge
+                response = await edge.handle(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def routes(get_edge: Any) -> list[Route]:

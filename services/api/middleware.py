@@ -70,6 +70,8 @@ def route_template(scope: Scope) -> str | None:
     FastAPI >= 0.16x includes routers lazily: ``scope["route"]`` is then the route as declared in its router
     (without the include prefix) and the full template is on the effective route context.
     """
+    if "vecta.route" in scope:  # served by the data-plane edge, past the router
+        return str(scope["vecta.route"])
     effective = (scope.get("fastapi") or {}).get("effective_route_context")
     for candidate in (getattr(effective, "starlette_route", None), effective, scope.get("route")):
         path = getattr(candidate, "path_format", None) or getattr(candidate, "path", None)
