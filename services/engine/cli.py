@@ -33,7 +33,7 @@ def serve(
 
     from .collection import Settings
     from .crypto import parse_data_key
-    from .engine import Engine
+    from .engine import Engine, tune_malloc
     from .server import EngineApp
 
     token = os.environ.get("VECTA_ENGINE_TOKEN", "")
@@ -53,6 +53,7 @@ def serve(
         build_threads=build_threads or cores,
         max_segments=max_segments,
     )
+    tune_malloc()
     engine = Engine(data_dir, key, settings)
     asgi = EngineApp(engine, token, search_threads=search_threads or None)
     uvicorn.run(

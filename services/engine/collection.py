@@ -53,6 +53,7 @@ OP_DELETE = 2
 SEG_SHIFT = 32
 ROW_MASK = (1 << SEG_SHIFT) - 1
 GROW_RESERVE_BYTES = 256 << 20  # at most this much address space reserved for a growing segment's vectors
+INLINE_EXACT_FLOATS = 2_000_000  # exact scans up to this many floats may run inline (about 1 ms)
 READ_UNIT_VECTORS = 100_000  # one read unit per query per this many vectors searched
 
 
@@ -353,6 +354,14 @@ class Collection:
             mask = self._mask(view, seg, n, dead, flt)
             out.append((seg, np.arange(n) if mask is None else np.flatnonzero(mask)))
         return out
+
+    def cheap_search(self) -> bool:
+        """Whether one unfiltered query is cheap enough to run on the event loop: every segment with rows is
+        indexed, or small enough to scan exactly in well under a millisecond or two."""
+        for s in self.segments:
+            if s.n and s.index is None and s.n * self.cfg.dimension > INLINE_EXACT_FLOATS:
+                return False
+        return True
 
     def live_count(self) -> int:
         return len(self.id_map)

@@ -140,11 +140,13 @@ class Engine:
                 coll.seal()
                 coll.maintain()
             if all(c.status() == "ready" for c in self.collections.values()):
+                trim_memory()
                 return
             time.sleep(0.01)
         raise TimeoutError("collections did not become ready")
 
     def _maintenance_loop(self) -> None:
+        dirty = False
         while not self._stop.is_set():
             try:
                 did = self.maintain_once()
@@ -152,7 +154,11 @@ class Engine:
                 self.maintenance_errors += 1
                 log.exception("maintenance failed")
                 did = False
+            dirty |= did
             if not did:
+                if dirty:  # a seal or build just finished: return the freed build buffers to the OS
+                    trim_memory()
+                    dirty = False
                 self._stop.wait(0.2)
 
     # ------------------------------------------------------------------------------------------------------
@@ -301,6 +307,38 @@ def _dir_size(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+_libc: Any = None
+
+
+def _glibc() -> Any:
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc
+
+
+def tune_malloc() -> None:
+    """Process-wide (the server calls it at start): buffers of 1 MiB and more (request bodies, vector batches,
+    index builds) are mmap'ed and go back to the OS when freed, instead of fragmenting the heap arenas."""
+    lib = _glibc()
+    if lib:
+        lib.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops glibc from raising it)
+        lib.mallopt(-8, 2)  # M_ARENA_MAX: fewer per-thread arenas holding freed memory
+
+
+def trim_memory() -> None:
+    """Give freed heap pages back to the OS (after index builds and bursts of writes)."""
+    lib = _glibc()
+    if lib:
+        lib.malloc_trim(0)
 
 
 def rss_bytes() -> int:

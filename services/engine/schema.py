@@ -304,40 +304,39 @@ def _fast_records(body: bytes, dim: int) -> tuple[list[dict[str, Any]], np.ndarr
         n = len(recs)
         if n == 0 or n > MAX_UPSERT_RECORDS:
             return None
-        out = np.empty((n, dim), dtype=np.float64)
+        out = np.empty((n, dim), dtype=np.float32)
         records: list[dict[str, Any]] = []
         obj, arr = sj.Object, sj.Array
-        for i in range(n):
-            r = recs[i]
-            if not isinstance(r, obj):
-                return None
-            keys = list(r.keys())
-            if len(set(keys)) != len(keys) or "vector" not in keys:
-                return None
-            v = r["vector"]
-            if not isinstance(v, arr) or len(v) != dim:
-                return None
-            flat = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)  # nested arrays are flattened:
-            if len(flat) != dim:  # the bracket count below catches those
-                return None
-            out[i] = flat
-            rec: dict[str, Any] = {}
-            for k in keys:
-                if k == "vector":
-                    continue
-                val = r[k]
-                if isinstance(val, obj):
-                    val = val.as_dict()
-                elif isinstance(val, arr):
-                    val = val.as_list()
-                rec[k] = val
-            records.append(rec)
+        with np.errstate(over="ignore"):  # beyond float32: inf, reported by check_finite with its record
+            for i, r in enumerate(recs):  # iterate: indexing a simdjson array is linear in the index
+                if not isinstance(r, obj):
+                    return None
+                keys = list(r.keys())
+                if len(set(keys)) != len(keys) or "vector" not in keys:
+                    return None
+                v = r["vector"]
+                if not isinstance(v, arr) or len(v) != dim:
+                    return None
+                flat = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)  # nested arrays are flattened:
+                if len(flat) != dim:  # the bracket count below catches those
+                    return None
+                out[i] = flat
+                rec: dict[str, Any] = {}
+                for k in keys:
+                    if k == "vector":
+                        continue
+                    val = r[k]
+                    if isinstance(val, obj):
+                        val = val.as_dict()
+                    elif isinstance(val, arr):
+                        val = val.as_list()
+                    rec[k] = val
+                records.append(rec)
         # Every '[' of the body is the records array, a vector, or a '[' of the rest re-encoded (arrays and
         # literal '[' in strings; no \u005b escapes, checked above): a vector with nested arrays adds more.
-        if body.count(b"[") != n + orjson.dumps(records).count(b"["):
+        if len(records) != n or body.count(b"[") != n + orjson.dumps(records).count(b"["):
             return None
-        with np.errstate(over="ignore"):
-            return records, out.astype(np.float32)
+        return records, out
     finally:
         doc = recs = r = v = val = flat = None  # release the parser's document
 
@@ -419,7 +418,21 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
                         f"records[{i}] ({rid!r}): metadata.{key} is not a declared field of the collection",
                         code="unknown_field",
                     )
-                md[key] = _check_value(f.type, val, f"records[{i}] ({rid!r}): metadata.{key}")
+                ft = f.type
+                tv = type(val)
+                if (  # the common well-formed values, checked without building an error location
+                    (ft == "string" and tv is str and len(val) <= MAX_STRING_LEN)
+                    or (ft == "int" and tv is int and INT64_MIN <= val <= INT64_MAX)
+                    or (ft == "float" and tv is float and math.isfinite(val))
+                    or (ft == "bool" and tv is bool)
+                    or (
+                        ft == "string[]"
+                        and tv is list
+                        and all(type(x) is str and len(x) <= MAX_STRING_LEN for x in val)
+                    )
+                ):
+                    continue
+                md[key] = _check_value(ft, val, f"records[{i}] ({rid!r}): metadata.{key}")
             metas.append(md or None)
         else:
             metas.append(None)

@@ -298,7 +298,15 @@ class EngineApp:
                     nq = 1 if q is None else len(q)
                     if nq >= OMP_MIN_QUERIES and self.cores > 1:
                         res = await loop.run_in_executor(self.search_pool, _search_wide, fn, p, self.cores)
-                    elif self.inline_search and self._active == 1 and nq == 1 and p["filter"] is None:
+                    elif (
+                        self.inline_search
+                        and self._active == 1
+                        and q is not None
+                        and nq == 1
+                        and p["filter"] is None
+                        and action == "search"
+                        and coll.cheap_search()
+                    ):
                         res = fn(p)  # nothing else to serve: skip the thread hop (faiss single query, ~0.1-1 ms)
                     else:
                         res = await loop.run_in_executor(self.search_pool, fn, p)
