@@ -172,14 +172,14 @@ def snapshot_uri(cluster_id: str, purpose: str) -> str:
 
 def _suspend(w: Work) -> dict[str, Any]:
     prov = get_provisioner(w.provisioner)
-    state = dict(w.spec.state)
-    if prov.is_running(w.cluster_id, state) and w.engine_url:
-        uri = snapshot_uri(w.cluster_id, "suspend")
-        engine_call(w.engine_url, w.spec.token, "POST", "/internal/snapshot", {"uri": uri}, timeout=3600)
-        state["snapshot_uri"] = uri
-        state.pop("restored", None)  # the next resume loads this new snapshot
-    elif "snapshot_uri" not in state:
-        raise ProvisionError("the engine is not running and no snapshot exists to suspend from")
+    # The snapshot is always taken from the engine on the cluster's current data (started again if it had
+    # died): suspending from an older snapshot would lose the writes made since.
+    handle = prov.start(w.spec, get_settings().engine_start_timeout_seconds)
+    state = dict(handle.state)
+    uri = snapshot_uri(w.cluster_id, "suspend")
+    engine_call(handle.url, w.spec.token, "POST", "/internal/snapshot", {"uri": uri}, timeout=3600)
+    state["snapshot_uri"] = uri
+    state.pop("restored", None)  # the next resume loads this new snapshot
     prov.destroy(w.cluster_id, state)
     state.pop("pid", None)
     return {"engine_url": None, "engine_state": state}
@@ -225,7 +225,8 @@ for _kind in KIND_STATUS:
 
 
 # -- reconciler ----------------------------------------------------------------------------------------------
-STUCK_AFTER = dt.timedelta(minutes=2)
+STUCK_AFTER = dt.timedelta(minutes=2)  # a transitional cluster untouched this long gets its task re-sent...
+RUNNING_TOO_LONG = dt.timedelta(minutes=30)  # ...unless its job is running and started less than this ago
 
 
 @celery_app.task(name="cluster.reconcile", ignore_result=True)
@@ -327,6 +328,9 @@ def redrive(cluster_id: str) -> int:
         ).first()
         if job is None:
             return 0
+        now = utcnow()
+        if job.status == "running" and job.started_at is not None and job.started_at > now - RUNNING_TOO_LONG:
+            return 0  # still being worked on (a worker that dies has its task redelivered: acks-late)
         if job.status in ("succeeded", "failed"):
             job.status, job.finished_at, job.error = "queued", None, None
         job_id = job.id
