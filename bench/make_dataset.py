@@ -310,6 +310,7 @@ def embed(
     threads: int | None = None,
     worker: tuple[int, int] = (0, 1),
     reverse: bool = False,
+    first_chunk: int = 0,
 ) -> np.ndarray:
     """Embed texts; with chunk_dir, every 5,000 texts are saved as they finish and reused on a re-run.
     worker=(k, n): only chunks whose number is k modulo n (for n processes working side by side)."""
@@ -319,6 +320,7 @@ def embed(
     todo = 0
     model = None
     chunks = list(enumerate(range(0, len(texts), step)))
+    chunks = chunks[first_chunk:] + chunks[:first_chunk]
     for c, s in reversed(chunks) if reverse else chunks:
         part = chunk_dir / f"{s:07d}-{min(s + step, len(texts)):07d}.npy" if chunk_dir else None
         if part is not None and part.exists():
@@ -373,6 +375,9 @@ def main() -> None:
         texts = [json.loads(line)["text"] for line in (DATA / "passages.jsonl").open()]
         if args.embed_worker == "reverse":  # extra helper: missing chunks from the end backwards
             embed(texts, DATA / "emb_chunks", threads=1, reverse=True)
+            return
+        if args.embed_worker.startswith("from:"):  # extra helper: missing chunks from chunk N upwards
+            embed(texts, DATA / "emb_chunks", threads=1, first_chunk=int(args.embed_worker[5:]))
             return
         k, n_workers = map(int, args.embed_worker.split("/"))
         embed(texts, DATA / "emb_chunks", threads=1, worker=(k, n_workers))
