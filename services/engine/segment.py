@@ -674,8 +674,8 @@ class Segment:
 
     def memory_bytes(self) -> int:
         total = self.index_bytes + int(self.norms.arr.nbytes + self.del_ver.arr.nbytes)
-        if self.vec is not None:
-            total += int(self.vec.arr.nbytes)
+        if self.vec is not None:  # rows written, not the reserved (untouched) capacity
+            total += int(self.vec.arr[: self.vec.n].nbytes)
         total += sum(c.nbytes() for c in self.columns.values())
         total += sum(len(s) + 90 for s in self.ids)
         return total
