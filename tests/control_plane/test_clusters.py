@@ -364,6 +364,16 @@ def test_local_provisioner_keeps_secrets_out_of_argv(tmp_path: Path) -> None:
         # Re-adoption: start again with the recorded state gives the same process.
         again = prov.start(EngineSpec("cl_argvcheck", 1, 1, spec_token, spec.data_key, handle.state), 60)
         assert again.state["pid"] == pid and again.url == handle.url
+        # An engine nobody recorded (its starter was killed between fork and writing the record) is adopted,
+        # not doubled, and a stop with no state still ends it.
+        (tmp_path / "clusters" / "cl_argvcheck.state.json").unlink()
+        stray = prov.start(EngineSpec("cl_argvcheck", 1, 1, spec_token, spec.data_key, {}), 60)
+        assert stray.state["pid"] == pid and stray.url == handle.url
+        assert engine_pids(tmp_path / "clusters") == [pid]
+        (tmp_path / "clusters" / "cl_argvcheck.state.json").unlink()
+        prov.stop("cl_argvcheck", {})
+        assert not alive(pid)
     finally:
         prov.destroy("cl_argvcheck", handle.state)
     assert not alive(handle.state["pid"])
+    assert engine_pids(tmp_path / "clusters") == []

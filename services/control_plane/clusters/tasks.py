@@ -249,9 +249,10 @@ def reconcile() -> dict[str, int]:
             log.exception("reconcile: heartbeat of %s failed", cluster_id)
             outcome = "errors"
         counts[outcome] = counts.get(outcome, 0) + 1
+    in_flight = active_job_ids() if stuck else None
     for cluster_id in stuck:
         try:
-            counts["redriven"] += redrive(cluster_id)
+            counts["redriven"] += redrive(cluster_id, in_flight)
         except Exception:
             log.exception("reconcile: re-driving %s failed", cluster_id)
             counts["errors"] = counts.get("errors", 0) + 1
@@ -313,8 +314,30 @@ def heartbeat(cluster_id: str) -> str:
     return "restarted" if restarted is not None else "heartbeats"
 
 
-def redrive(cluster_id: str) -> int:
-    """A transitional cluster whose job is not queued or running any more gets its task sent again."""
+def active_job_ids() -> set[str] | None:
+    """Ids of the jobs live workers are executing now (their tasks' second argument), asked over Celery's
+    broadcast; None when that cannot be known (eager, or a broker without broadcast)."""
+    if celery_app.conf.task_always_eager or not str(celery_app.conf.broker_url).startswith("redis"):
+        return None
+    try:
+        replies = celery_app.control.inspect(timeout=1.0).active() or {}
+    except Exception:
+        log.exception("reconcile: could not ask the workers what they run")
+        return None
+    ids: set[str] = set()
+    for running in replies.values():
+        for task in running or []:
+            args = task.get("args")
+            if isinstance(args, list | tuple) and len(args) >= 2:
+                ids.add(str(args[1]))
+    return ids
+
+
+def redrive(cluster_id: str, in_flight: set[str] | None = None) -> int:
+    """A transitional cluster whose job is not queued or running any more gets its task sent again. A job marked
+    running counts as running while a live worker executes it (``in_flight``, when known) or, when that cannot be
+    known, for RUNNING_TOO_LONG: a worker killed outright has its message redelivered by Redis only after the
+    broker's visibility timeout (an hour), so acks-late alone would leave the cluster stuck that long."""
     db = get_database()
     with db.sync_transaction() as s:
         c = s.get(Cluster, cluster_id)
@@ -329,8 +352,12 @@ def redrive(cluster_id: str) -> int:
         if job is None:
             return 0
         now = utcnow()
-        if job.status == "running" and job.started_at is not None and job.started_at > now - RUNNING_TOO_LONG:
-            return 0  # still being worked on (a worker that dies has its task redelivered: acks-late)
+        if job.status == "running":
+            if in_flight is not None:
+                if job.id in in_flight:
+                    return 0  # a live worker has it
+            elif job.started_at is not None and job.started_at > now - RUNNING_TOO_LONG:
+                return 0  # still being worked on, as far as can be told
         if job.status in ("succeeded", "failed"):
             job.status, job.finished_at, job.error = "queued", None, None
         job_id = job.id

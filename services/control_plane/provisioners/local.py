@@ -106,9 +106,37 @@ class LocalProvisioner:
         tmp.write_text(json.dumps(record))
         tmp.replace(path)
 
+    def _strays(self, cluster_id: str) -> list[tuple[int, int | None]]:
+        """Engine processes serving this cluster's data folder that no record names (pid, port): one whose
+        starter was killed between fork and recording it. Found by their command line in /proc."""
+        data_dir = str(self.data_dir(cluster_id)).encode()
+        found: list[tuple[int, int | None]] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" not in argv or b"--data-dir" not in argv:
+                continue
+            i = argv.index(b"--data-dir")
+            if i + 1 < len(argv) and argv[i + 1] == data_dir and _pid_is_engine(int(entry.name), cluster_id):
+                j = argv.index(b"--port") + 1 if b"--port" in argv else len(argv)
+                port = int(argv[j]) if j < len(argv) and argv[j].isdigit() else None
+                found.append((int(entry.name), port))
+        return found
+
     def start(self, spec: EngineSpec, timeout: float = 60.0) -> EngineHandle:
         with self._locked(spec.cluster_id) as record:
             state = {**spec.state, **record} if self.is_running(spec.cluster_id, record) else dict(spec.state)
+            if not self.is_running(spec.cluster_id, state):
+                # Adopt an engine nobody recorded (never two engines on one data folder); stop any others.
+                strays = self._strays(spec.cluster_id)
+                for pid, _ in strays[1:]:
+                    self._kill(pid)
+                if strays:
+                    state.update(pid=strays[0][0], port=strays[0][1])
             handle = self._start(spec, state, timeout)
             record.clear()
             record.update(handle.state)
@@ -194,6 +222,8 @@ class LocalProvisioner:
             for pid in {state.get("pid"), record.get("pid")}:
                 if isinstance(pid, int) and _pid_is_engine(pid, cluster_id):
                     self._kill(pid)
+            for pid, _ in self._strays(cluster_id):
+                self._kill(pid)
             record.pop("pid", None)
 
     def destroy(self, cluster_id: str, state: dict[str, Any]) -> None:
