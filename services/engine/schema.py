@@ -341,6 +341,76 @@ def _fast_records(body: bytes, dim: int) -> tuple[list[dict[str, Any]], np.ndarr
         doc = recs = r = v = val = flat = None  # release the parser's document
 
 
+def fast_search(body: bytes, dim: int) -> tuple[dict[str, Any], np.ndarray] | None:
+    """Fast path for search bodies: (the body with its ``vector``/``vectors`` value replaced by ``True``,
+    float32 (nq, dim) queries), or None to use the orjson path. Like ``fast_records`` it only ever accepts:
+    a body with exactly one of ``vector`` (``dim`` numbers) or ``vectors`` (1..MAX_QUERIES lists of ``dim``
+    numbers); anything else (errors included) is left to the orjson path, which names the problem."""
+    if _simdjson is None or not FAST_PARSE or not body or (b"\\" in body and b"u005" in body):
+        return None
+    try:
+        return _fast_search(body, dim)
+    except Exception:  # any doubt: the slow path decides (and names the error)
+        _tls.parser = None
+        return None
+
+
+def _fast_search(body: bytes, dim: int) -> tuple[dict[str, Any], np.ndarray] | None:
+    sj = _simdjson
+    assert sj is not None
+    doc: Any = _parser().parse(body)
+    v: Any = None
+    row: Any = None
+    val: Any = None
+    try:
+        if not isinstance(doc, sj.Object):
+            return None
+        keys = list(doc.keys())
+        if len(set(keys)) != len(keys):
+            return None
+        has_v, has_vs = "vector" in keys, "vectors" in keys
+        if has_v == has_vs:
+            return None
+        key = "vector" if has_v else "vectors"
+        v = doc[key]
+        arr = sj.Array
+        if not isinstance(v, arr):
+            return None
+        if has_v:
+            nq = 1
+            if len(v) != dim:
+                return None
+        else:
+            nq = len(v)
+            if not 1 <= nq <= MAX_QUERIES:
+                return None
+            for row in v:  # iterate: indexing a simdjson array is linear in the index
+                if not isinstance(row, arr) or len(row) != dim:
+                    return None
+        flat = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)  # nested arrays are flattened:
+        if len(flat) != nq * dim:  # the bracket count below catches those
+            return None
+        rest: dict[str, Any] = {}
+        for k in keys:
+            if k == key:
+                continue
+            val = doc[k]
+            if isinstance(val, sj.Object):
+                val = val.as_dict()
+            elif isinstance(val, arr):
+                val = val.as_list()
+            rest[k] = val
+        # every '[' of the body is the vector(s) or a '[' of the rest re-encoded (no \u005b escapes)
+        if body.count(b"[") != (1 if has_v else nq + 1) + orjson.dumps(rest).count(b"["):
+            return None
+        with np.errstate(over="ignore"):  # beyond float32: inf, reported by check_finite
+            q = flat.astype(np.float32).reshape(nq, dim)
+        rest[key] = True
+        return rest, q
+    finally:
+        doc = v = row = val = None  # release the parser's document
+
+
 def _check_value(ftype: str, v: Any, where: str) -> Any:
     if v is None:
         return None
