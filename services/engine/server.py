@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faiss
+import numpy as np
 import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -125,6 +126,8 @@ class EngineApp:
         self._pending: dict[str, list[tuple[Any, asyncio.Future[int]]]] = {}
         self._committers: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch_pending: dict[tuple[Any, ...], list[tuple[Any, asyncio.Future[Any]]]] = {}
+        self._batch_runners: dict[tuple[Any, ...], int] = {}
         self.admin_pool = ThreadPoolExecutor(1, thread_name_prefix="vecta-admin")
         self.max_body = max_body_bytes
         self.metrics = _Metrics()
@@ -311,6 +314,8 @@ class EngineApp:
                         and coll.cheap_search()
                     ):
                         res = fn(p)  # nothing else to serve: skip the thread hop (faiss single query, ~0.1-1 ms)
+                    elif q is not None and nq == 1 and p["filter"] is None and action == "search" and not p["multi"]:
+                        res = await self._search_batched(coll, fn, p)
                     else:
                         res = await loop.run_in_executor(self.search_pool, fn, p)
                     return action, {"results": res}, 200
@@ -362,6 +367,50 @@ class EngineApp:
         if path == "/metrics" and method == "GET":
             return "metrics", (CONTENT_TYPE_LATEST.encode(), self._metrics_text()), 200
         raise NotFound(f"no route for {method} {path}", code="route_not_found")
+
+    async def _search_batched(self, coll: Any, fn: Callable[[Any], Any], p: dict[str, Any]) -> Any:
+        """Micro-batching of concurrent single unfiltered queries with the same parameters: like the group
+        commit, up to one runner per core takes every query waiting for it and makes one faiss call for all
+        of them; a query that arrives while all runners are busy joins the next batch (no timer: the only wait
+        is one event-loop turn, and only when a runner starts). Results are what each query gets alone."""
+        loop = asyncio.get_running_loop()
+        key = (coll.cfg.cid, p["top_k"], p["ef"], p["nprobe"], p["include_metadata"], p["include_vectors"])
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._batch_pending.setdefault(key, []).append((p["q"], fut))
+        if self._batch_runners.get(key, 0) < self.cores:
+            self._batch_runners[key] = self._batch_runners.get(key, 0) + 1
+            task = loop.create_task(self._batch_runner(key, fn, p))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await fut
+
+    async def _batch_runner(self, key: tuple[Any, ...], fn: Callable[[Any], Any], p: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(0)  # one loop turn: requests already read join this batch
+                items = self._batch_pending.pop(key, None)
+                if not items:
+                    return
+                q = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
+                try:
+                    res = await loop.run_in_executor(self.search_pool, fn, {**p, "q": q, "multi": True})
+                except BaseException as exc:
+                    for _, f in items:
+                        if not f.done():
+                            f.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    for (_, f), r in zip(items, res, strict=True):
+                        if not f.done():
+                            f.set_result(r)
+        finally:
+            n = self._batch_runners.get(key, 1) - 1
+            if n > 0:
+                self._batch_runners[key] = n
+            else:
+                self._batch_runners.pop(key, None)
 
     async def _search_split(self, fn: Callable[[Any], Any], p: dict[str, Any], nq: int) -> list[Any]:
         """An unfiltered multi-query search split into one slice per core, each a single-threaded faiss call in

@@ -206,3 +206,68 @@ def test_parse_search_body_matches_search(coll):
     a = coll.search(coll.parse_search_body(body))
     b = coll.search(coll.parse_search(orjson.loads(body)))
     assert a == b
+
+
+@pytest.mark.asyncio
+async def test_http_concurrent_single_queries_batched_match_alone(make_engine):
+    """Concurrent single queries are micro-batched into shared faiss calls: each still gets exactly its own
+    results (mixed top_k / ef / include flags never share a batch), and read units count every query."""
+    import asyncio
+
+    import httpx
+
+    from services.engine.server import EngineApp
+
+    from .conftest import TOKEN
+
+    eng = make_engine()
+    asgi = EngineApp(eng, TOKEN, manage_lifespan=False, inline_search=False)  # in-process requests never overlap
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=asgi), base_url="http://engine", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    r = await client.post(
+        "/v1/collections",
+        json={"name": "items", "dimension": 8, "metric": "cosine", "index": {"type": "hnsw", "params": {"M": 8}}},
+    )
+    assert r.status_code == 201
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((400, 8)).astype(np.float32)
+    body = {"records": [{"id": f"r{i}", "vector": X[i]} for i in range(len(X))]}
+    r = await client.post("/v1/collections/items/upsert", content=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY))
+    assert r.json() == {"upserted_count": 400}
+    await client.post("/internal/flush")
+    Q = rng.standard_normal((40, 8)).astype(np.float32)
+    bodies = [
+        orjson.dumps(
+            {
+                "vector": Q[i],
+                "top_k": 5 if i % 10 == 0 else 3,
+                "params": {"ef": 16 if i % 7 == 0 else 32},
+                "include_vectors": i % 13 == 0,
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+        for i in range(len(Q))
+    ]
+    alone = []
+    for b in bodies:
+        r = await client.post("/v1/collections/items/search", content=b)
+        assert r.status_code == 200, r.text
+        alone.append(r.json()["results"])
+    coll = eng.collections["items"]
+    units = coll.read_units
+    sizes: list[int] = []
+    search = coll.search
+
+    def spy(p):
+        sizes.append(len(p["q"]))
+        return search(p)
+
+    coll.search = spy
+    rs = await asyncio.gather(*(client.post("/v1/collections/items/search", content=b) for b in bodies))
+    assert [r.status_code for r in rs] == [200] * len(bodies)
+    assert [r.json()["results"] for r in rs] == alone
+    assert coll.read_units - units == len(bodies)
+    assert sum(sizes) == len(bodies) and max(sizes) > 1, sizes  # some queries did share a faiss call
+    await client.aclose()
+    asgi.shutdown_pools()
