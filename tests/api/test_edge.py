@@ -421,6 +421,7 @@ async def test_body_limit_is_413(tight_app: FastAPI, tenants: dict[str, Any]) ->
         # A key of its own (this app allows 5 requests a second per key; counters may be shared through Redis).
         roles = [{"project_id": w["a"].project_id, "role": "data_writer", "cluster_ids": [a1]}]
         h = auth((await create_key(c, w["a"], project_roles=roles))["key"])
+        await _next_second()
         big = {"records": records(200, prefix="big")}
         doc = problem(await c.post(dp(a1, "/docs/upsert"), json=big, headers=h), 413, "payload_too_large")
         assert "4096" in doc["detail"]
