@@ -7,7 +7,6 @@ import datetime as dt
 import hashlib
 
 from anyio.to_thread import run_sync as to_thread
-
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
