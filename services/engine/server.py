@@ -248,7 +248,10 @@ class EngineApp:
     async def _send(
         self, send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
     ) -> int:
-        await send({"type": "http.response.start", "status": status, "headers": headers or JSON_HEADERS})
+        # with a content-length the server sends the body as is (no chunked framing to build, and none for the
+        # client to parse)
+        hdrs = [*(headers or JSON_HEADERS), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": body})
         return status
 

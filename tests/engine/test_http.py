@@ -240,3 +240,17 @@ async def test_query_pagination_and_delete_by_filter(app_client):
     assert r.json() == {"deleted_count": 50}
     assert (await client.post("/v1/collections/items/count", json={})).json() == {"count": 200}
     _problem(await client.post("/v1/collections/items/delete", json={}), 400)
+
+
+@pytest.mark.asyncio
+async def test_responses_carry_content_length(app_client):
+    """Every response (JSON, problem+json, metrics) has a content-length: no chunked framing."""
+    client, _ = app_client
+    for r in (
+        await client.get("/healthz"),
+        await client.get("/v1/collections"),
+        await client.get("/v1/collections/nope"),
+        await client.get("/metrics"),
+    ):
+        assert r.headers.get("content-length") == str(len(r.content)), r.headers
+        assert "transfer-encoding" not in r.headers
