@@ -187,7 +187,7 @@ class KubernetesProvisioner:
             status = self.apps.read_namespaced_stateful_set_status(
                 n["statefulset"], self.namespace, _request_timeout=10
             )
-            if (status.status.ready_replicas or 0) >= spec.replicas:
+            if status.status is not None and (status.status.ready_replicas or 0) >= spec.replicas:
                 url = f"http://{n['service']}.{self.namespace}.svc.cluster.local:{ENGINE_PORT}"
                 return EngineHandle(url=url, state={"namespace": self.namespace, **n})
             time.sleep(self.poll_seconds)
@@ -227,4 +227,4 @@ class KubernetesProvisioner:
             )
         except ApiException:
             return False
-        return bool(sts.status.ready_replicas)
+        return sts.status is not None and bool(sts.status.ready_replicas)
