@@ -69,22 +69,7 @@ ORG_ROLES: Final[dict[str, frozenset[str]]] = {
 
 PROJECT_ROLES: Final[dict[str, frozenset[str]]] = {
     "project_admin": PROJECT_PRIVILEGES,
-    "cluster_admin": frozenset(
-        {
-            "project:read",
-            "cluster:create",
-            "cluster:read",
-            "cluster:update",
-            "cluster:delete",
-            "collection:create",
-            "collection:drop",
-            "data:read",
-            "data:write",
-            "backup:create",
-            "backup:restore",
-            "key:read",
-        }
-    ),
+    "cluster_admin": CLUSTER_PRIVILEGES | {"project:read", "cluster:create", "key:read"},
     "data_writer": frozenset({"project:read", "cluster:read", "data:read", "data:write", "collection:create"}),
     "data_reader": frozenset({"project:read", "cluster:read", "data:read"}),
 }

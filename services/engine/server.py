@@ -230,18 +230,7 @@ class EngineApp:
                 items = self._pending.pop(cid, None)
                 if not items:
                     return
-                try:
-                    counts = await loop.run_in_executor(self.write_pool, coll.upsert_many, [b for b, _ in items])
-                except BaseException as exc:
-                    for _, f in items:
-                        if not f.done():
-                            f.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    for (_, f), c in zip(items, counts, strict=True):
-                        if not f.done():
-                            f.set_result(c)
+                await _run_shared(loop, self.write_pool, coll.upsert_many, [b for b, _ in items], [f for _, f in items])
         finally:
             self._committers.discard(cid)
 
@@ -396,18 +385,7 @@ class EngineApp:
                 if not items:
                     return
                 q = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
-                try:
-                    res = await loop.run_in_executor(self.search_pool, fn, {**p, "q": q, "multi": True})
-                except BaseException as exc:
-                    for _, f in items:
-                        if not f.done():
-                            f.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    for (_, f), r in zip(items, res, strict=True):
-                        if not f.done():
-                            f.set_result(r)
+                await _run_shared(loop, self.search_pool, fn, {**p, "q": q, "multi": True}, [f for _, f in items])
         finally:
             n = self._batch_runners.get(key, 1) - 1
             if n > 0:
@@ -469,3 +447,22 @@ def _search_wide(fn: Callable[[Any], Any], p: Any, threads: int) -> Any:
 
 
 __all__ = ["BadRequest", "EngineApp"]
+
+
+async def _run_shared(
+    loop: asyncio.AbstractEventLoop, pool: Any, fn: Any, arg: Any, waiters: list[asyncio.Future[Any]]
+) -> None:
+    """Run one call for several waiting requests (group commit, micro-batched search) and hand each its share of
+    the result, or the exception to all of them."""
+    try:
+        results = await loop.run_in_executor(pool, fn, arg)
+    except BaseException as exc:
+        for f in waiters:
+            if not f.done():
+                f.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise
+    else:
+        for f, r in zip(waiters, results, strict=True):
+            if not f.done():
+                f.set_result(r)
