@@ -98,6 +98,10 @@ def up(
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=os.environ.copy(),
+                # Its own process group (the worker and its beat child are stopped together), and a SIGTERM
+                # from the kernel should `vecta up` die without cleaning up: no orphaned workers.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         )
     if worker:  # engines stopped by the last `vecta up` start again now rather than at the first beat
@@ -113,16 +117,31 @@ def up(
         uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, log_level="warning")
     finally:
         for child in children:
-            child.send_signal(signal.SIGTERM)
+            _signal_group(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for child in children:
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                child.kill()
+                pass
+            _signal_group(child.pid, signal.SIGKILL)  # whatever of the group is left (e.g. the beat child)
         stopped = stop_local_engines()
         if stopped:
             typer.echo(f"stopped {stopped} engine process(es); they start again with the next `vecta up`")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask the kernel for SIGTERM when the parent dies (Linux PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def stop_local_engines() -> int:
