@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import anyio
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -134,8 +135,6 @@ class Edge:
                 target_type="cluster", target_id=c.id, details={"trigger": "data-plane request"},
             )  # fmt: skip
         self.invalidate(route.id)
-        import anyio
-
         await anyio.to_thread.run_sync(send, "cluster.resume", (route.id, job.id), {})
 
     async def handle(self, request: Request) -> Response:
