@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, status
 from services.auth.deps import AuthCache, DbSession, Pagination, Subject, UserSubject
 from services.auth.endpoints import user_out
 from services.auth.models import ApiKey, Membership, RoleBinding, User
-from services.control_plane import service
+from services.control_plane import api_keys, service
 from services.control_plane.models import Invitation
 from services.control_plane.schemas import (
     AcceptOut,
@@ -282,33 +282,33 @@ keys = APIRouter(tags=["api-keys"])
     responses=errors(401, 403, 404, 422),
 )
 async def create_api_key(org_id: str, body: ApiKeyIn, subject: Subject, session: DbSession) -> ApiKeyCreated:
-    key, secret, bindings = await service.create_api_key(session, subject, org_id, body)
+    key, secret, bindings = await api_keys.create_api_key(session, subject, org_id, body)
     return ApiKeyCreated(**_key_out(key, bindings).model_dump(), key=secret)
 
 
 @keys.get("/orgs/{org_id}/api-keys", response_model=ListOf[ApiKeyOut], responses=errors(401, 403, 404))
 async def list_api_keys(org_id: str, subject: Subject, session: DbSession, page: Pagination) -> ListOf[ApiKeyOut]:
-    rows = await service.list_api_keys(session, subject, org_id, page.after, page.limit)
+    rows = await api_keys.list_api_keys(session, subject, org_id, page.after, page.limit)
     items, token = page.cut(rows)
-    bindings = await service.key_bindings(session, items)
+    bindings = await api_keys.key_bindings(session, items)
     return ListOf[ApiKeyOut](items=[_key_out(k, bindings.get(k.id, [])) for k in items], next_page_token=token)
 
 
 @keys.get("/api-keys/{key_id}", response_model=ApiKeyOut, responses=errors(401, 403, 404))
 async def get_api_key(key_id: str, subject: Subject, session: DbSession) -> ApiKeyOut:
-    key = await service.get_api_key(session, subject, key_id, manage=False)
-    return _key_out(key, (await service.key_bindings(session, [key])).get(key.id, []))
+    key = await api_keys.get_api_key(session, subject, key_id, manage=False)
+    return _key_out(key, (await api_keys.key_bindings(session, [key])).get(key.id, []))
 
 
 @keys.patch("/api-keys/{key_id}", response_model=ApiKeyOut, responses=errors(401, 403, 404, 422))
 async def update_api_key(key_id: str, body: ApiKeyPatch, subject: Subject, session: DbSession) -> ApiKeyOut:
-    key = await service.update_api_key(session, subject, key_id, body)
-    return _key_out(key, (await service.key_bindings(session, [key])).get(key.id, []))
+    key = await api_keys.update_api_key(session, subject, key_id, body)
+    return _key_out(key, (await api_keys.key_bindings(session, [key])).get(key.id, []))
 
 
 @keys.delete("/api-keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(401, 403, 404))
 async def revoke_api_key(key_id: str, subject: Subject, session: DbSession, auth: AuthCache) -> None:
-    await service.revoke_api_key(session, subject, key_id)
+    await api_keys.revoke_api_key(session, subject, key_id)
     auth.invalidate()
 
 
@@ -316,9 +316,9 @@ async def revoke_api_key(key_id: str, subject: Subject, session: DbSession, auth
 async def rotate_api_key(
     key_id: str, subject: Subject, session: DbSession, auth: AuthCache, body: RotateIn | None = None
 ) -> ApiKeyCreated:
-    key, secret = await service.rotate_api_key(session, subject, key_id, (body or RotateIn()).grace_seconds)
+    key, secret = await api_keys.rotate_api_key(session, subject, key_id, (body or RotateIn()).grace_seconds)
     auth.invalidate()
-    bindings = (await service.key_bindings(session, [key])).get(key.id, [])
+    bindings = (await api_keys.key_bindings(session, [key])).get(key.id, [])
     return ApiKeyCreated(**_key_out(key, bindings).model_dump(), key=secret)
 
 

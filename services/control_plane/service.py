@@ -1,4 +1,5 @@
-"""Organization rules: sign-up, members, invitations, projects, roles, API keys and the audit trail.
+"""Organization rules: sign-up, members, invitations, projects, roles and the audit trail (API keys:
+``api_keys.py``).
 
 Every function takes the acting ``AuthSubject`` and asks it (``require_*``) before touching anything, so an
 object of another tenant is always a 404 and a missing privilege a 403. Services flush, never commit.
@@ -15,16 +16,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.auth import service as identity
-from services.auth.crypto import make_api_key, random_token, token_hash
-from services.auth.models import ApiKey, CustomRole, Membership, RoleBinding, User
+from services.auth.crypto import random_token, token_hash
+from services.auth.models import CustomRole, Membership, RoleBinding, User
 from services.auth.roles import ALL_PRIVILEGES, BUILTIN_ROLES, ORG_ROLES, PROJECT_PRIVILEGES, PROJECT_ROLES
 from services.auth.schemas import TokenPair
 from services.auth.subject import AuthSubject
 from services.control_plane import repository as repo
 from services.control_plane.models import Invitation, Organization, Project
 from services.control_plane.schemas import (
-    ApiKeyIn,
-    ApiKeyPatch,
     InvitationIn,
     MemberPatch,
     OrgPatch,
@@ -43,7 +42,7 @@ from services.core.settings import get_settings
 DEFAULT_PROJECT = "Default"
 
 
-def _audit(session: AsyncSession, subject: AuthSubject, action: str, org_id: str | None, **kw: Any) -> None:
+def audit_action(session: AsyncSession, subject: AuthSubject, action: str, org_id: str | None, **kw: Any) -> None:
     audit.record(session, action=action, org_id=org_id, actor_type=subject.kind, actor_id=subject.id, **kw)
 
 
@@ -133,7 +132,7 @@ async def resolve_project_roles(
     return out
 
 
-def _bind(
+def bind_roles(
     session: AsyncSession,
     org_id: str,
     principal_type: str,
@@ -204,7 +203,7 @@ async def create_role(session: AsyncSession, subject: AuthSubject, org_id: str, 
     )
     session.add(role)
     await session.flush()
-    _audit(
+    audit_action(
         session,
         subject,
         "role.create",
@@ -229,7 +228,7 @@ async def update_role(
         role.privileges = privileges
     if body.description is not None:
         role.description = body.description
-    _audit(
+    audit_action(
         session,
         subject,
         "role.update",
@@ -247,7 +246,7 @@ async def delete_role(session: AsyncSession, subject: AuthSubject, org_id: str, 
     if await repo.role_in_use(session, role.id):
         raise Conflict(f"role {role.id} is still granted to members or API keys", code="role_in_use")
     await session.delete(role)
-    _audit(session, subject, "role.delete", org_id, target_type="role", target_id=role.id)
+    audit_action(session, subject, "role.delete", org_id, target_type="role", target_id=role.id)
 
 
 # -- organizations -------------------------------------------------------------------------------------------
@@ -267,7 +266,7 @@ async def update_org(session: AsyncSession, subject: AuthSubject, org_id: str, b
         raise BadRequest("name: must not be null", code="validation_error")
     for field, value in changed.items():
         setattr(org, field, value)
-    _audit(
+    audit_action(
         session,
         subject,
         "org.update",
@@ -314,9 +313,9 @@ async def update_member(
         roles = await resolve_project_roles(session, subject, org_id, body.project_roles)
         await repo.delete_bindings(session, org_id, "user", user_id)
         await session.flush()
-        _bind(session, org_id, "user", user_id, roles)
+        bind_roles(session, org_id, "user", user_id, roles)
     await session.flush()
-    _audit(
+    audit_action(
         session,
         subject,
         "member.update",
@@ -341,7 +340,7 @@ async def remove_member(session: AsyncSession, subject: AuthSubject, org_id: str
             raise Conflict("the last owner of an organization cannot be removed", code="last_owner")
     await repo.delete_bindings(session, org_id, "user", user_id)
     await session.delete(m)
-    _audit(session, subject, "member.remove", org_id, target_type="user", target_id=user_id)
+    audit_action(session, subject, "member.remove", org_id, target_type="user", target_id=user_id)
 
 
 # -- invitations ---------------------------------------------------------------------------------------------
@@ -377,7 +376,7 @@ async def create_invitation(
         f"The invitation expires at {inv.expires_at.isoformat()}.\n",
     )
     await session.flush()
-    _audit(
+    audit_action(
         session,
         subject,
         "invitation.create",
@@ -404,7 +403,7 @@ async def revoke_invitation(session: AsyncSession, subject: AuthSubject, invitat
     if inv.accepted_at is not None:
         raise Conflict("the invitation has already been accepted", code="invitation_accepted")
     await session.delete(inv)
-    _audit(session, subject, "invitation.revoke", inv.org_id, target_type="invitation", target_id=inv.id)
+    audit_action(session, subject, "invitation.revoke", inv.org_id, target_type="invitation", target_id=inv.id)
 
 
 async def accept_invitation(session: AsyncSession, subject: AuthSubject, token: str) -> Invitation:
@@ -439,7 +438,7 @@ async def accept_invitation(session: AsyncSession, subject: AuthSubject, token: 
     inv.accepted_at = now
     inv.accepted_by = user.id
     await session.flush()
-    _audit(session, subject, "invitation.accept", inv.org_id, target_type="invitation", target_id=inv.id)
+    audit_action(session, subject, "invitation.accept", inv.org_id, target_type="invitation", target_id=inv.id)
     return inv
 
 
@@ -460,7 +459,7 @@ async def create_project(session: AsyncSession, subject: AuthSubject, org_id: st
         await session.flush()
     except IntegrityError:
         raise Conflict(f"a project named {name!r} already exists", code="project_exists") from None
-    _audit(session, subject, "project.create", org_id, target_type="project", target_id=project.id)
+    audit_action(session, subject, "project.create", org_id, target_type="project", target_id=project.id)
     return project
 
 
@@ -478,7 +477,7 @@ async def update_project(session: AsyncSession, subject: AuthSubject, project_id
         if await repo.project_by_name(session, project.org_id, name):
             raise Conflict(f"a project named {name!r} already exists", code="project_exists")
         project.name = name
-    _audit(session, subject, "project.update", project.org_id, target_type="project", target_id=project.id)
+    audit_action(session, subject, "project.update", project.org_id, target_type="project", target_id=project.id)
     return project
 
 
@@ -494,149 +493,11 @@ async def delete_project(session: AsyncSession, subject: AuthSubject, project_id
         if reason:
             raise Conflict(f"project {project.id} cannot be deleted: {reason}", code="project_not_empty")
     await session.delete(project)
-    _audit(session, subject, "project.delete", project.org_id, target_type="project", target_id=project.id)
+    audit_action(session, subject, "project.delete", project.org_id, target_type="project", target_id=project.id)
 
 
-# -- API keys ------------------------------------------------------------------------------------------------
-async def create_api_key(
-    session: AsyncSession, subject: AuthSubject, org_id: str, body: ApiKeyIn
-) -> tuple[ApiKey, str, list[RoleBinding]]:
-    subject.require_org(org_id, "apikey:manage")
-    if body.expires_at is not None and _aware(body.expires_at) <= utcnow():
-        raise Unprocessable("expires_at: must be in the future", code="invalid_expiry")
-    org_role = await resolve_org_role(session, subject, org_id, body.org_role) if body.org_role else None
-    roles = await resolve_project_roles(session, subject, org_id, body.project_roles)
-    if org_role is None and not roles:
-        raise Unprocessable("an API key needs an org_role or at least one project role", code="no_roles")
-    key_id = new_id("key")
-    secret = make_api_key(key_id)
-    key = ApiKey(
-        id=key_id,
-        org_id=org_id,
-        name=body.name,
-        org_role=org_role.stored if org_role else None,
-        secret_hash=token_hash(secret.split("_", 2)[2]),
-        created_by=subject.id,
-        created_at=utcnow(),
-        expires_at=_aware(body.expires_at) if body.expires_at else None,
-    )
-    session.add(key)
-    await session.flush()
-    _bind(session, org_id, "api_key", key_id, roles)
-    await session.flush()
-    _audit(
-        session,
-        subject,
-        "apikey.create",
-        org_id,
-        target_type="api_key",
-        target_id=key_id,
-        details={"name": body.name, "org_role": key.org_role},
-    )
-    bindings = (await repo.bindings_in_org(session, org_id, "api_key", [key_id]))[key_id]
-    return key, secret, bindings
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
+def as_utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-
-
-async def get_api_key(session: AsyncSession, subject: AuthSubject, key_id: str, manage: bool = True) -> ApiKey:
-    key = await session.get(ApiKey, key_id)
-    if key is None or not subject.in_org(key.org_id):
-        raise NotFound(f"API key {key_id} not found", code="api_key_not_found")
-    if not (subject.kind == "api_key" and subject.id == key_id and not manage):
-        subject.require_org(key.org_id, "apikey:manage")
-    return key
-
-
-async def key_bindings(session: AsyncSession, keys: Sequence[ApiKey]) -> dict[str, list[RoleBinding]]:
-    out: dict[str, list[RoleBinding]] = {}
-    by_org: dict[str, list[str]] = {}
-    for k in keys:
-        by_org.setdefault(k.org_id, []).append(k.id)
-    for org_id, ids in by_org.items():
-        out.update(await repo.bindings_in_org(session, org_id, "api_key", ids))
-    return out
-
-
-async def list_api_keys(
-    session: AsyncSession, subject: AuthSubject, org_id: str, after: str | None, limit: int
-) -> Sequence[ApiKey]:
-    from services.auth import repository as auth_repo
-
-    subject.require_org(org_id, "apikey:manage")
-    return await auth_repo.api_keys_of_org(session, org_id, after, limit)
-
-
-async def update_api_key(session: AsyncSession, subject: AuthSubject, key_id: str, body: ApiKeyPatch) -> ApiKey:
-    key = await get_api_key(session, subject, key_id)
-    changed = body.model_dump(exclude_unset=True)
-    if "name" in changed:
-        if body.name is None:
-            raise BadRequest("name: must not be null", code="validation_error")
-        key.name = body.name
-    if "expires_at" in changed:
-        if body.expires_at is not None and _aware(body.expires_at) <= utcnow():
-            raise Unprocessable("expires_at: must be in the future", code="invalid_expiry")
-        key.expires_at = _aware(body.expires_at) if body.expires_at else None
-    _audit(
-        session,
-        subject,
-        "apikey.update",
-        key.org_id,
-        target_type="api_key",
-        target_id=key.id,
-        details={"fields": sorted(changed)},
-    )
-    return key
-
-
-async def revoke_api_key(session: AsyncSession, subject: AuthSubject, key_id: str) -> ApiKey:
-    key = await get_api_key(session, subject, key_id)
-    if key.revoked_at is None:
-        key.revoked_at = utcnow()
-    _audit(session, subject, "apikey.revoke", key.org_id, target_type="api_key", target_id=key.id)
-    return key
-
-
-async def _require_can_hold(session: AsyncSession, subject: AuthSubject, key: ApiKey) -> None:
-    """Rotating hands out the key's new secret, so it needs what minting the key would need: no taking over a key
-    more privileged than yourself."""
-    if key.org_role:
-        privileges = (await resolve_role(session, key.org_id, key.org_role, "org")).privileges
-        if not subject.can_grant_org_role(key.org_id, privileges):
-            raise Forbidden(f"API key {key.id} holds privileges you do not have", code="forbidden")
-    for b in (await repo.bindings_in_org(session, key.org_id, "api_key", [key.id]))[key.id]:
-        privileges = (await resolve_role(session, key.org_id, b.role, "project")).privileges
-        clusters = frozenset(b.cluster_ids) if b.cluster_ids is not None else None
-        if not subject.can_grant_project_role(key.org_id, b.project_id, privileges, clusters):
-            raise Forbidden(f"API key {key.id} holds privileges you do not have", code="forbidden")
-
-
-async def rotate_api_key(
-    session: AsyncSession, subject: AuthSubject, key_id: str, grace_seconds: int
-) -> tuple[ApiKey, str]:
-    key = await get_api_key(session, subject, key_id)
-    if key.revoked_at is not None:
-        raise Conflict(f"API key {key_id} is revoked", code="api_key_revoked")
-    await _require_can_hold(session, subject, key)
-    now = utcnow()
-    secret = make_api_key(key.id)
-    key.previous_secret_hash = key.secret_hash if grace_seconds > 0 else None
-    key.previous_valid_until = now + dt.timedelta(seconds=grace_seconds) if grace_seconds > 0 else None
-    key.secret_hash = token_hash(secret.split("_", 2)[2])
-    key.rotated_at = now
-    _audit(
-        session,
-        subject,
-        "apikey.rotate",
-        key.org_id,
-        target_type="api_key",
-        target_id=key.id,
-        details={"grace_seconds": grace_seconds},
-    )
-    return key, secret
 
 
 # -- audit ---------------------------------------------------------------------------------------------------
@@ -657,7 +518,7 @@ async def list_audit(
         org_id,
         actor=actor,
         action=action,
-        since=_aware(since) if since else None,
+        since=as_utc(since) if since else None,
         before=before,
         limit=limit,
     )
