@@ -37,9 +37,17 @@ def needs_rehash(password_hash: str) -> bool:
     return _hasher.check_needs_rehash(password_hash)
 
 
+_pepper: tuple[object, bytes] | None = None  # (the settings object it was read from, the pepper)
+
+
 def token_hash(secret: str) -> str:
-    pepper = get_settings().secret("api_key_pepper").encode()
-    return hmac.new(pepper, secret.encode(), hashlib.sha256).hexdigest()
+    """HMAC-SHA256 under the pepper. Runs on every authenticated request (the credential cache is keyed by it),
+    so the pepper is looked up once per settings object, not per call."""
+    global _pepper
+    settings = get_settings()
+    if _pepper is None or _pepper[0] is not settings:
+        _pepper = (settings, settings.secret("api_key_pepper").encode())
+    return hmac.new(_pepper[1], secret.encode(), hashlib.sha256).hexdigest()
 
 
 def random_token(nbytes: int = 32) -> str:
