@@ -160,7 +160,8 @@ class Edge:
         await self.rate_limit(subject, route.id)
         await self._require_running(route)
         body = await self._body(request)
-        headers = {"authorization": f"Bearer {route.token}"}
+        # The engine names the public path (not its own) as the `instance` of the problems it answers.
+        headers = {"authorization": f"Bearer {route.token}", "x-vecta-public-prefix": f"/v1/clusters/{route.id}"}
         if body:
             headers["content-type"] = request.headers.get("content-type", "application/json")
         query = request.url.query

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
 import typer
 
 app = typer.Typer(help="Vecta vector engine worker", no_args_is_help=True)
+
+UVICORN_OPTIONS: dict[str, Any] = {  # what `serve` and an assigned `spare` run uvicorn with
+    "loop": "uvloop",
+    "http": "httptools",
+    "lifespan": "on",
+    "access_log": False,
+    "timeout_keep_alive": 30,
+    "proxy_headers": False,
+    "server_header": False,
+    "date_header": False,
+}
 
 
 @app.callback()
@@ -27,6 +40,14 @@ def serve(
     search_threads: int = typer.Option(0, "--search-threads", help="Search pool size (0: cores, at least 2)"),
     max_segments: int = typer.Option(8, "--max-segments", help="Merge sealed segments beyond this many"),
     log_level: str = typer.Option("warning", "--log-level"),
+    replica_of: str = typer.Option(
+        "", "--replica-of", help="Serve as a read replica of the engine at this URL (same token and data key)"
+    ),
+    replica_unless_ordinal_0: bool = typer.Option(
+        False,
+        "--replica-unless-ordinal-0",
+        help="With --replica-of: be the primary when the host name ends in -0 (StatefulSet pod 0)",
+    ),
 ) -> None:
     """Serve the data-plane API. Needs VECTA_ENGINE_TOKEN and VECTA_ENGINE_DATA_KEY (32 bytes, base64)."""
     import uvicorn
@@ -56,17 +77,84 @@ def serve(
     tune_malloc()
     engine = Engine(data_dir, key, settings)
     asgi = EngineApp(engine, token, search_threads=search_threads or None)
-    uvicorn.run(
-        asgi,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level=log_level,
-        timeout_keep_alive=30,
-        proxy_headers=False,
-        server_header=False,
-        date_header=False,
-    )
+    if replica_of and not (replica_unless_ordinal_0 and socket.gethostname().endswith("-0")):
+        from .replication import Follower
+
+        asgi.follower = Follower(engine, replica_of, token)
+    uvicorn.run(asgi, host=host, port=port, log_level=log_level, **UVICORN_OPTIONS)
+
+
+@app.command(hidden=True)
+def spare(
+    spare_id: str = typer.Option(..., "--spare-id", help="Names this process for its provisioner (not a secret)"),
+) -> None:
+    """A warm engine for the local provisioner: imports the engine, uvicorn and their libraries now, then waits
+    on stdin for one assignment (a JSON line: data dir, port, threads, limits, log file, token, data key) and
+    serves that cluster exactly as `serve` would. The secrets arrive only through the pipe (never argv, the
+    environment or a file). Exits without serving when stdin closes first: its provisioner went away."""
+    import json
+    import sys
+
+    import uvicorn
+    import uvicorn.lifespan.on
+    import uvicorn.loops.uvloop
+    import uvicorn.protocols.http.httptools_impl  # imported now rather than after the assignment
+
+    from .collection import Settings
+    from .crypto import parse_data_key
+    from .engine import Engine, tune_malloc
+    from .server import EngineApp
+
+    tune_malloc()
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        raise typer.Exit(0)
+    try:
+        job = json.loads(line)
+        token = str(job.pop("token"))
+        key = parse_data_key(job.pop("data_key"))
+        data_dir = Path(job["data_dir"])
+        host, port = str(job.get("host", "127.0.0.1")), int(job["port"])
+        log_level = str(job.get("log_level", "warning"))
+        search_threads = int(job.get("search_threads", 0))
+        settings = Settings(
+            seal_rows=int(job.get("seal_rows", 100_000)),
+            idle_seal_seconds=float(job.get("idle_seal_seconds", 1.0)),
+            build_threads=int(job.get("build_threads", 0)) or (os.cpu_count() or 2),
+            max_segments=int(job.get("max_segments", 8)),
+        )
+    except (ValueError, KeyError, TypeError) as exc:  # never echo the line: it holds the secrets
+        typer.echo(f"spare {spare_id}: invalid assignment ({type(exc).__name__}); refusing to start", err=True)
+        raise typer.Exit(2) from None
+    del line
+    _adopt_assignment(job)
+    if not token:
+        typer.echo(f"spare {spare_id}: empty engine token; refusing to start", err=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    engine = Engine(data_dir, key, settings)
+    asgi = EngineApp(engine, token, search_threads=search_threads or None)
+    uvicorn.run(asgi, host=host, port=port, log_level=log_level, **UVICORN_OPTIONS)
+
+
+def _adopt_assignment(job: dict[str, Any]) -> None:
+    """What the provisioner's Popen would have set up for a cold `serve`: stdin from /dev/null, stdout and stderr
+    to the cluster's log file, the address-space limit and the OpenMP thread count."""
+    import resource
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if job.get("log_path"):
+        fd = os.open(job["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    if job.get("memory_bytes"):
+        limit = int(job["memory_bytes"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if job.get("omp_threads"):
+        import faiss
+
+        os.environ["OMP_NUM_THREADS"] = str(int(job["omp_threads"]))
+        faiss.omp_set_num_threads(int(job["omp_threads"]))

@@ -106,6 +106,7 @@ class Collection:
         self.pins = 0
         self.pending_deletes: list[str] = []
         self.torn_tail_dropped = 0
+        self.wal_ends: dict[str, int] = {}  # closed WAL file -> its record count (replication: where it ended)
 
     # ------------------------------------------------------------------------------------------------------
     # files
@@ -694,6 +695,10 @@ class Collection:
                 return False
             old = self.growing
             new = self._new_growing()
+            if self.wal is not None:  # replicas reading this file need to know where it ended
+                self.wal_ends[self.wal.path.name] = self.wal.records
+                if len(self.wal_ends) > 256:
+                    del self.wal_ends[next(iter(self.wal_ends))]
             self.wal_files = []
             self._new_wal()
             # the frozen segment still depends on its WALs; the new growing one on the new WAL only

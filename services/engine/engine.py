@@ -49,6 +49,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.started_at = time.time()
         self.maintenance_errors = 0
+        self.auto_seal = True  # a replica seals only where its primary did (replication.py)
 
     # ------------------------------------------------------------------------------------------------------
     def open(self, *, background: bool = True) -> None:
@@ -87,11 +88,11 @@ class Engine:
             c.close()
 
     # ------------------------------------------------------------------------------------------------------
-    def create_collection(self, cfg: CollectionConfig) -> Collection:
+    def create_collection(self, cfg: CollectionConfig, *, cid: str | None = None) -> Collection:
         with self.catalog_lock:
             if cfg.name in self.collections:
                 raise Conflict(f"collection {cfg.name!r} already exists", code="collection_exists")
-            cfg.cid = "c_" + secrets.token_hex(8)
+            cfg.cid = cid or "c_" + secrets.token_hex(8)  # a replica keeps its primary's ids
             coll = Collection(cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings)
             coll.create()
             self.collections[cfg.name] = coll
@@ -127,7 +128,7 @@ class Engine:
         for coll in list(self.collections.values()):
             if coll.dropped:
                 continue
-            if coll.needs_seal(now):
+            if self.auto_seal and coll.needs_seal(now):
                 did |= coll.seal()
             did |= coll.maintain()
         return did

@@ -33,6 +33,7 @@ from prometheus_client import (
 from services.core.errors import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
+    Conflict,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -44,6 +45,7 @@ from services.core.errors import (
 
 from .crypto import CorruptionError
 from .engine import Engine, open_store
+from .replication import Follower, Primary
 from .schema import MAX_BODY_BYTES, expect_object, loads, parse_collection, parse_upsert
 
 log = logging.getLogger("vecta.engine")
@@ -133,6 +135,8 @@ class EngineApp:
         self.metrics = _Metrics()
         self.manage_lifespan = manage_lifespan
         self._write_locks: dict[str, asyncio.Lock] = {}
+        self.replication = Primary(engine)  # serves replicas (replication.py)
+        self.follower: Follower | None = None  # set when this engine is a read replica
 
     # ------------------------------------------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -149,12 +153,16 @@ class EngineApp:
                 try:
                     if self.manage_lifespan:
                         await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.engine.open)
+                    if self.follower is not None:
+                        self.follower.start()
                 except Exception as exc:
                     log.exception("engine failed to open")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self.follower is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, self.follower.stop)
                 if self.manage_lifespan:
                     await asyncio.get_running_loop().run_in_executor(self.admin_pool, self.engine.close)
                 self.shutdown_pools()
@@ -164,6 +172,7 @@ class EngineApp:
     def shutdown_pools(self) -> None:
         for pool in (self.search_pool, self.write_pool, self.parse_pool, self.admin_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+        self.replication.shutdown()
 
     async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
@@ -280,6 +289,8 @@ class EngineApp:
         loop = asyncio.get_running_loop()
         eng = self.engine
         if len(parts) >= 2 and parts[0] == "v1" and parts[1] == "collections":
+            if self.follower is not None:  # a read replica: 409 for writes, 503 until it is in sync
+                self.follower.check(method, parts)
             if len(parts) == 4 and parts[3] in ACTIONS:
                 if method != "POST":
                     raise MethodNotAllowed(f"{method} is not allowed here; use POST", code="method_not_allowed")
@@ -414,12 +425,23 @@ class EngineApp:
         loop = asyncio.get_running_loop()
         eng = self.engine
         if name == "stats" and method == "GET":
-            return "internal_stats", await loop.run_in_executor(self.admin_pool, eng.stats), 200
+            stats = await loop.run_in_executor(self.admin_pool, eng.stats)
+            stats["replication"] = (self.follower or self.replication).stats()
+            return "internal_stats", stats, 200
+        if name.startswith("replication-"):
+            if self.follower is not None:
+                raise Conflict("a read replica does not serve replicas", code="read_only_replica")
+            return await self.replication.handle(name, method, await self._body(receive, scope))
         if name in ("snapshot", "restore") and method == "POST":
+            if name == "restore" and self.follower is not None:
+                raise Conflict("a read replica copies its primary; restore the primary", code="read_only_replica")
             doc = expect_object(loads(await self._body(receive, scope)), {"uri"})
             store = open_store(doc.get("uri"))
             fn = eng.snapshot if name == "snapshot" else eng.restore
-            return "internal_" + name, await loop.run_in_executor(self.admin_pool, fn, store), 200
+            result = await loop.run_in_executor(self.admin_pool, fn, store)
+            if name == "restore":
+                self.replication.new_epoch()  # replicas of the data before the restore copy it afresh
+            return "internal_" + name, result, 200
         if name == "flush" and method == "POST":
             await loop.run_in_executor(self.admin_pool, eng.wait_ready, 600.0)
             return "internal_flush", {"status": "ready"}, 200

@@ -110,3 +110,52 @@ class WalWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+# -- replication: frames travel as they are on disk (still encrypted) -----------------------------------------
+def read_frames(path: Path, offset: int, end: int, max_bytes: int) -> tuple[bytes, int]:
+    """Whole frames of ``path`` from byte ``offset`` up to ``end`` (a frame boundary captured under the write
+    lock), at most ``max_bytes`` of them but always at least one. Returns (raw frames, how many). A frame whose
+    length or CRC is wrong means the caller's position is not a frame boundary: CorruptionError."""
+    avail = max(0, end - offset)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(min(avail, max(max_bytes, _FRAME.size)))
+        if len(data) >= _FRAME.size:
+            first = _FRAME.size + _FRAME.unpack_from(data, 0)[0]
+            if len(data) < first <= avail:  # one frame larger than the budget still goes out whole
+                data += fh.read(first - len(data))
+    pos = count = 0
+    n = len(data)
+    while pos < n:
+        stop = pos + _FRAME.size
+        if stop <= n:
+            length, crc = _FRAME.unpack_from(data, pos)
+            stop += length
+        if stop > n:
+            if n < avail:  # cut by the budget: the rest goes in the next answer
+                break
+            raise CorruptionError(f"{path.name}: no whole frame at offset {offset + pos}")
+        if length < 28 or zlib.crc32(data[pos + _FRAME.size : stop]) != crc:
+            raise CorruptionError(f"{path.name}: no valid frame at offset {offset + pos}")
+        pos = stop
+        count += 1
+    return data[:pos], count
+
+
+def open_frames(data: bytes, cipher: DataCipher, aad: bytes, first_record: int) -> list[bytes]:
+    """Decrypt frames produced by ``read_frames`` (record numbers from ``first_record``, bound to the file's
+    associated data as on disk): any change, reordering or a wrong position fails authentication."""
+    out: list[bytes] = []
+    pos = 0
+    view = memoryview(data)
+    while pos < len(data):
+        if pos + _FRAME.size > len(data):
+            raise CorruptionError("truncated replication frame")
+        length, crc = _FRAME.unpack_from(data, pos)
+        body = view[pos + _FRAME.size : pos + _FRAME.size + length]
+        if len(body) != length or zlib.crc32(body) != crc:
+            raise CorruptionError("replication frame failed its CRC")
+        out.append(cipher.open(bytes(body), _aad(aad, first_record + len(out))))
+        pos += _FRAME.size + length
+    return out

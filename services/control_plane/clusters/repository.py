@@ -50,5 +50,16 @@ async def metrics(
     return (await session.execute(stmt)).scalars().all()
 
 
+async def metric_before(session: AsyncSession, cluster_id: str, start: dt.datetime) -> ClusterMetric | None:
+    """The last sample before ``start``: the baseline of the first point's rate."""
+    stmt = (
+        select(ClusterMetric)
+        .where(ClusterMetric.cluster_id == cluster_id, ClusterMetric.at < start)
+        .order_by(ClusterMetric.at.desc())
+        .limit(1)
+    )
+    return (await session.execute(stmt)).scalars().first()
+
+
 async def job(session: AsyncSession, job_id: str) -> Job | None:
     return await session.get(Job, job_id)

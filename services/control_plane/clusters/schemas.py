@@ -63,12 +63,19 @@ class JobOut(ResponseModel):
 
 
 class MetricPoint(ResponseModel):
-    t: dt.datetime
-    qps: float | None
-    latency_p50_ms: float | None
-    latency_p99_ms: float | None
-    vectors: int
-    storage_bytes: int
+    t: dt.datetime = Field(description="Start of the step this point covers")
+    qps: float | None = Field(
+        description="Data-plane requests (reads and writes) per second, averaged since the previous sample; "
+        "null without an earlier sample"
+    )
+    requests: int | None = Field(description="Data-plane requests counted for this point; null like qps")
+    latency_p50_ms: float | None = Field(
+        description="Median latency in milliseconds of read requests (search, hybrid-search, query, fetch, count) "
+        "inside the engine; null when there were none"
+    )
+    latency_p99_ms: float | None = Field(description="99th percentile of the same, in milliseconds")
+    vectors: int = Field(description="Live vectors at the step's last sample")
+    storage_bytes: int = Field(description="Bytes the engine holds on disk at the step's last sample")
 
 
 class MetricsOut(ResponseModel):

@@ -253,35 +253,59 @@ async def cluster_metrics(
     if (end - start).total_seconds() / step > 10_000:
         raise Unprocessable("too many points: widen step or narrow the range", code="invalid_range")
     samples = await repo.metrics(session, cluster.id, start, end)
-    return start, end, downsample(samples, start, step)
+    baseline = await repo.metric_before(session, cluster.id, start)
+    return start, end, downsample(samples, start, step, baseline)
 
 
-def downsample(samples: Sequence[ClusterMetric], start: dt.datetime, step: int) -> list[dict[str, Any]]:
-    """One point per ``step`` seconds: the last sample in each bucket; qps from the change in cumulative
-    request counts between consecutive buckets."""
-    buckets: dict[int, ClusterMetric] = {}
+def downsample(
+    samples: Sequence[ClusterMetric], start: dt.datetime, step: int, baseline: ClusterMetric | None = None
+) -> list[dict[str, Any]]:
+    """One point per ``step`` seconds that holds samples. ``vectors`` and ``storage_bytes``: the last sample in
+    the step. ``requests``/``qps``: the change of the running request total from the last sample before the step
+    (``baseline`` for the first) to the last one in it, over the time between them (None without an earlier
+    sample). Latencies: each sample holds the read percentiles of the interval it closes; a step with several
+    samples reports the request-weighted mean of their p50 and the highest p99."""
+    buckets: dict[int, list[ClusterMetric]] = {}
     for s in samples:
-        buckets[int((s.at - start).total_seconds() // step)] = s
+        buckets.setdefault(int((s.at - start).total_seconds() // step), []).append(s)
     points: list[dict[str, Any]] = []
-    prev: ClusterMetric | None = None
+    prev = baseline
     for b in sorted(buckets):
-        s = buckets[b]
-        qps = None
+        group = buckets[b]
+        last = group[-1]
+        qps = requests = None
         if prev is not None:
-            span = (s.at - prev.at).total_seconds()
-            if span > 0 and s.requests >= prev.requests:
-                qps = round((s.requests - prev.requests) / span, 3)
+            span = (last.at - prev.at).total_seconds()
+            requests = max(0, last.requests - prev.requests)
+            qps = round(requests / span, 3) if span > 0 else None
+        weighted = total = 0.0
+        p50s: list[float] = []
+        p99: float | None = None
+        before = prev
+        for s in group:
+            n = max(0, s.requests - before.requests) if before is not None else 0
+            if s.latency_p50_ms is not None:
+                p50s.append(s.latency_p50_ms)
+                weighted += s.latency_p50_ms * n
+                total += n
+            if s.latency_p99_ms is not None:
+                p99 = s.latency_p99_ms if p99 is None else max(p99, s.latency_p99_ms)
+            before = s
+        p50 = None
+        if p50s:
+            p50 = round(weighted / total, 3) if total > 0 else round(sum(p50s) / len(p50s), 3)
         points.append(
             {
                 "t": start + dt.timedelta(seconds=b * step),
                 "qps": qps,
-                "latency_p50_ms": s.latency_p50_ms,
-                "latency_p99_ms": s.latency_p99_ms,
-                "vectors": s.vector_count,
-                "storage_bytes": s.storage_bytes,
+                "requests": requests,
+                "latency_p50_ms": p50,
+                "latency_p99_ms": p99,
+                "vectors": last.vector_count,
+                "storage_bytes": last.storage_bytes,
             }
         )
-        prev = s
+        prev = last
     return points
 
 

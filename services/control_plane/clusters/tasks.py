@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from services.auth.keyprovider import KeyUnavailable, local_provider
 from services.control_plane.clusters.models import Cluster, ClusterMetric, Job
@@ -268,7 +269,8 @@ def heartbeat(cluster_id: str) -> str:
         if c is None or c.status != Status.RUNNING.value:
             return "skipped"
         token, data_key = cluster_secrets(c)
-        spec = EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, dict(c.engine_state or {}))
+        state = {k: v for k, v in (c.engine_state or {}).items() if k != METRICS_CURSOR}
+        spec = EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, state)
         url, provisioner = c.engine_url, c.provisioner
     stats = None
     if url:
@@ -289,7 +291,8 @@ def heartbeat(cluster_id: str) -> str:
             return "restart_failed"
     now = utcnow()
     with db.sync_transaction() as s:
-        c = s.get(Cluster, cluster_id)
+        # Locked: two overlapping passes must not both count the same requests against one cursor.
+        c = s.get(Cluster, cluster_id, with_for_update=True)
         if c is None or c.status != Status.RUNNING.value:
             return "skipped"
         if restarted is not None:
@@ -298,20 +301,107 @@ def heartbeat(cluster_id: str) -> str:
         c.last_heartbeat_at = now
         c.vector_count = int(stats.get("vector_count", 0))
         c.storage_bytes = int(stats.get("bytes_on_disk", 0))
-        s.add(
-            ClusterMetric(
-                cluster_id=c.id,
-                at=now,
-                requests=int(stats.get("requests", 0)),
-                read_units=int(stats.get("read_units", 0)),
-                write_units=int(stats.get("write_units", 0)),
-                latency_p50_ms=stats.get("latency_p50_ms"),
-                latency_p99_ms=stats.get("latency_p99_ms"),
-                vector_count=c.vector_count,
-                storage_bytes=c.storage_bytes,
-            )
-        )
+        record_sample(s, c, stats, now)
     return "restarted" if restarted is not None else "heartbeats"
+
+
+# -- metrics samples -----------------------------------------------------------------------------------------
+METRICS_CURSOR = "metrics_cursor"  # key in Cluster.engine_state: the engine's counters at the last sample
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What an engine served between two samples: requests (reads + writes) and the read latency percentiles."""
+
+    requests: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    cursor: dict[str, Any]
+
+
+def histogram_quantile(q: float, bounds: list[float], counts: list[int]) -> float | None:
+    """The q-quantile of a histogram (``counts[i]`` in ``(bounds[i-1], bounds[i]]``, the last count above every
+    bound), interpolated linearly inside its bucket as Prometheus does; None without observations. A quantile in
+    the last, open bucket is reported as the highest bound."""
+    total = sum(counts)
+    if total <= 0 or not bounds:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n <= 0:
+            continue
+        if seen + n >= rank:
+            if i >= len(bounds):
+                return float(bounds[-1])
+            lo = bounds[i - 1] if i > 0 else 0.0
+            return lo + (bounds[i] - lo) * max(0.0, rank - seen) / n
+        seen += n
+    return float(bounds[-1])
+
+
+def interval_since(cursor: Any, reported: Any) -> Interval | None:
+    """The requests and read latencies between the engine's counters at the last sample (``cursor``) and now
+    (``reported``: /internal/stats ``requests``). Counters are per engine process: another ``boot_id`` (a restart,
+    a resume, a modify) or no cursor means everything reported was served since the last sample. Lower counts
+    under the same ``boot_id`` mean a sample older than the cursor (an overlapping pass): None, nothing to add."""
+    try:
+        boot = str(reported["boot_id"])
+        bounds = [float(b) for b in reported["latency_bounds_ms"]]
+        reads = int(reported["read"]["count"])
+        writes = int(reported["write"]["count"])
+        buckets = [int(n) for n in reported["read"]["latency_counts"]]
+    except (KeyError, TypeError, ValueError):
+        return Interval(0, None, None, {})  # an engine that does not report requests: nothing measured
+    now = {"boot_id": boot, "reads": reads, "writes": writes, "read_buckets": buckets}
+    same = isinstance(cursor, dict) and cursor.get("boot_id") == boot
+    before: dict[str, Any] = cursor if same else {"reads": 0, "writes": 0, "read_buckets": [0] * len(buckets)}
+    prev_buckets = list(before.get("read_buckets") or [])
+    if len(prev_buckets) != len(buckets):
+        prev_buckets = [0] * len(buckets)
+    delta = [a - b for a, b in zip(buckets, prev_buckets, strict=True)]
+    d_reads, d_writes = reads - int(before.get("reads", 0)), writes - int(before.get("writes", 0))
+    if d_reads < 0 or d_writes < 0 or any(d < 0 for d in delta):
+        return None
+    p50 = histogram_quantile(0.5, bounds, delta)
+    p99 = histogram_quantile(0.99, bounds, delta)
+    return Interval(
+        d_reads + d_writes,
+        None if p50 is None else round(p50, 3),
+        None if p99 is None else round(p99, 3),
+        now,
+    )
+
+
+def record_sample(s: Session, c: Cluster, stats: dict[str, Any], at: dt.datetime) -> None:
+    """A metrics row for this heartbeat. ``requests`` is a running total kept by the control plane (the previous
+    row's plus this interval's), so it never goes down when an engine restarts and QPS is never negative."""
+    state = dict(c.engine_state or {})
+    interval = interval_since(state.get(METRICS_CURSOR), stats.get("requests"))
+    if interval is None:
+        return
+    last = s.scalars(
+        select(ClusterMetric.requests)
+        .where(ClusterMetric.cluster_id == c.id)
+        .order_by(ClusterMetric.at.desc())
+        .limit(1)
+    ).first()
+    if interval.cursor:
+        state[METRICS_CURSOR] = interval.cursor
+        c.engine_state = state
+    s.add(
+        ClusterMetric(
+            cluster_id=c.id,
+            at=at,
+            requests=int(last or 0) + interval.requests,
+            read_units=int(stats.get("read_units", 0)),
+            write_units=int(stats.get("write_units", 0)),
+            latency_p50_ms=interval.latency_p50_ms,
+            latency_p99_ms=interval.latency_p99_ms,
+            vector_count=c.vector_count,
+            storage_bytes=c.storage_bytes,
+        )
+    )
 
 
 def active_job_ids() -> set[str] | None:
