@@ -13,6 +13,7 @@ import hmac
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,11 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 PROBLEM_HEADERS = [(b"content-type", PROBLEM_CONTENT_TYPE.encode())]
 OMP_MIN_QUERIES = 4  # multi-query searches of at least this many queries use all cores (OpenMP)
 ACTIONS = {"upsert", "delete", "fetch", "search", "hybrid-search", "query", "count", "imports"}
+# Data-plane routes as /internal/stats reports them (request counts and latency histograms, split read/write).
+READ_ROUTES = frozenset({"search", "hybrid-search", "fetch", "query", "count"})
+WRITE_ROUTES = frozenset({"upsert", "delete"})
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+PUBLIC_PREFIX_HEADER = b"x-vecta-public-prefix"  # set by the edge: the public path of /v1 (problem `instance`)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -73,7 +79,7 @@ class _Metrics:
             "Request latency by route",
             ["route"],
             registry=self.registry,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            buckets=LATENCY_BUCKETS,
         )
         self.vectors = Gauge(
             "vecta_engine_vectors", "Live vectors by collection", ["collection"], registry=self.registry
@@ -88,6 +94,7 @@ class _Metrics:
         self.rss = Gauge("vecta_engine_rss_bytes", "Resident memory", registry=self.registry)
         self._lat: dict[str, Any] = {}
         self._req: dict[tuple[str, int], Any] = {}
+        self.boot_id = secrets.token_hex(8)  # counters start at zero with each process: readers detect resets
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         h = self._lat.get(route)
@@ -98,6 +105,38 @@ class _Metrics:
         if c is None:
             c = self._req[(route, status)] = self.requests.labels(route, str(status))
         c.inc()
+
+    def request_stats(self) -> dict[str, Any]:
+        """Cumulative counts and latency histograms of the data-plane requests served (2xx) since this process
+        started, read from the Prometheus histogram (nothing extra on the request path). ``latency_counts`` has
+        one count per bucket (not cumulative): ``le`` ``latency_bounds_ms[i]``, the last one above them all."""
+        n = len(LATENCY_BUCKETS) + 1
+        out: dict[str, Any] = {
+            "boot_id": self.boot_id,
+            "latency_bounds_ms": [round(b * 1000, 6) for b in LATENCY_BUCKETS],
+            "read": {"count": 0, "latency_sum_ms": 0.0, "latency_counts": [0] * n},
+            "write": {"count": 0, "latency_sum_ms": 0.0, "latency_counts": [0] * n},
+        }
+        cumulative: dict[str, list[float]] = {}
+        for family in self.latency.collect():
+            for sample in family.samples:
+                route = sample.labels.get("route", "")
+                kind = "read" if route in READ_ROUTES else "write" if route in WRITE_ROUTES else None
+                if kind is None:
+                    continue
+                if sample.name.endswith("_bucket"):
+                    cumulative.setdefault(route, []).append(sample.value)  # in ascending `le` order
+                elif sample.name.endswith("_count"):
+                    out[kind]["count"] += int(sample.value)
+                elif sample.name.endswith("_sum"):
+                    out[kind]["latency_sum_ms"] += sample.value * 1000
+        for route, cum in cumulative.items():
+            counts = out["read" if route in READ_ROUTES else "write"]["latency_counts"]
+            prev = 0.0
+            for i, v in enumerate(cum[:n]):
+                counts[i] += int(v - prev)
+                prev = v
+        return out
 
 
 class EngineApp:
@@ -204,7 +243,7 @@ class EngineApp:
                 await self._send(send, status, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
         except VectaError as exc:
             status = exc.status
-            await self._problem(send, exc, scope.get("path"))
+            await self._problem(send, exc, scope)
         except CorruptionError as exc:
             status = 500
             log.error("stored data failed authentication: %s", exc)
@@ -253,10 +292,35 @@ class EngineApp:
         await send({"type": "http.response.body", "body": body})
         return status
 
-    async def _problem(self, send: Send, exc: VectaError, path: str | None) -> None:
+    async def _problem(self, send: Send, exc: VectaError, scope: dict[str, Any]) -> None:
         headers = list(PROBLEM_HEADERS)
         headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
-        await self._send(send, exc.status, orjson.dumps(exc.problem(path)), headers)
+        await self._send(send, exc.status, orjson.dumps(exc.problem(self._instance(scope))), headers)
+
+    def _instance(self, scope: dict[str, Any]) -> str | None:
+        """The problem's ``instance``: the path the client called. Behind the edge that is the public path
+        (``/v1/clusters/{id}/collections/…``), whose prefix the edge sends in a header; the header is believed
+        only from a caller holding the engine token, and only when it is a plain path (errors only, never on
+        the request path)."""
+        path: str | None = scope.get("path")
+        auth = prefix = None
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                auth = v
+            elif k == PUBLIC_PREFIX_HEADER:
+                prefix = v
+        if (
+            path
+            and path.startswith("/v1/")
+            and prefix is not None
+            and auth is not None
+            and hmac.compare_digest(auth, self._expected)
+            and 4 <= len(prefix) <= 200
+            and prefix.startswith(b"/v1/")
+            and all(0x21 <= c < 0x7F for c in prefix)
+        ):
+            return prefix.decode() + path[3:]
+        return path
 
     async def _body(self, receive: Receive, scope: dict[str, Any]) -> bytes:
         msg = await receive()
@@ -426,6 +490,7 @@ class EngineApp:
         eng = self.engine
         if name == "stats" and method == "GET":
             stats = await loop.run_in_executor(self.admin_pool, eng.stats)
+            stats["requests"] = self.metrics.request_stats()
             stats["replication"] = (self.follower or self.replication).stats()
             return "internal_stats", stats, 200
         if name.startswith("replication-"):
