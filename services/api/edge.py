@@ -35,6 +35,7 @@ from services.auth.subject import AuthSubject
 from services.control_plane.clusters import tasks as cluster_tasks
 from services.control_plane.clusters.models import Cluster, Job
 from services.control_plane.clusters.state import Status, can
+from services.control_plane.imports import api as imports_api
 from services.core import audit
 from services.core.celery_app import send
 from services.core.db import Database
@@ -159,6 +160,8 @@ class Edge:
         subject.require_cluster(route.org_id, route.project_id, route.id, privilege)
         await self.rate_limit(subject, route.id)
         await self._require_running(route)
+        if "/imports" in rest and (target := imports_api.match(rest)) is not None:  # run by the control plane
+            return await imports_api.handle(request, subject, route, target, self.db, self.session)
         body = await self._body(request)
         # The engine names the public path (not its own) as the `instance` of the problems it answers.
         headers = {"authorization": f"Bearer {route.token}", "x-vecta-public-prefix": f"/v1/clusters/{route.id}"}
@@ -243,6 +246,8 @@ class Edge:
         if len(parts) == 1:
             return ("collection:drop", False) if method == "DELETE" else ("data:read", method == "GET")
         action = parts[1]
+        if action == "imports" and method == "GET":  # an import's status
+            return "data:read", True
         if action in READ_ACTIONS:
             return READ_ACTIONS[action], True
         return WRITE_ACTIONS.get(action, "data:write"), False
@@ -341,6 +346,7 @@ def openapi_paths() -> dict[str, Any]:
             "parameters": [cid, name],
             "post": op(summary, True, "202" if action == "imports" else "200"),
         }
+    paths.update(imports_api.openapi_paths(DATAPLANE_PREFIX))
     return paths
 
 

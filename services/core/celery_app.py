@@ -27,6 +27,7 @@ TASK_MODULES = [
     "services.core.mail",
     "services.control_plane.clusters.tasks",
     "services.control_plane.backups.tasks",
+    "services.control_plane.imports.tasks",
 ]
 
 
