@@ -32,6 +32,7 @@ from services.engine.schema import MAX_TEXT_LEN, _check_value, check_id
 
 FORMATS = ("jsonl", "parquet", "npy", "npz")
 RECORD_KEYS = frozenset({"id", "vector", "metadata", "text"})
+MAX_ROW_GROUP_BYTES = 1 << 30  # a Parquet row group is decoded whole: this bounds an import's memory
 
 
 @dataclass(frozen=True)
@@ -228,9 +229,17 @@ def _parquet(path: Path, schema: Schema, rows: int) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        # buffered, not pre-buffered reads: memory is bounded by one row group's decoded columns, not the file
+        pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     except (pa.ArrowException, OSError) as exc:
         raise ImportFailed(f"not a readable Parquet file: {exc}") from None
+    for g in range(pf.metadata.num_row_groups):
+        group_bytes = pf.metadata.row_group(g).total_byte_size
+        if group_bytes > MAX_ROW_GROUP_BYTES:
+            raise ImportFailed(
+                f"row group {g} holds {group_bytes} bytes uncompressed; imports read Parquet files whose row "
+                f"groups are at most {MAX_ROW_GROUP_BYTES} bytes (write with a smaller row_group_size)"
+            )
     arrow_schema = pf.schema_arrow
     names = arrow_schema.names
     if len(set(names)) != len(names):
