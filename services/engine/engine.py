@@ -202,6 +202,7 @@ class Engine:
                     total += length
                 blob = coll.cipher.seal(orjson.dumps(manifest), coll.aad("MANIFEST.snapshot"))
                 store.put_bytes(f"files/{coll.rel}/MANIFEST.snapshot", blob)
+                total += len(blob)
                 files.append(
                     {
                         "path": f"{coll.rel}/MANIFEST.snapshot",
@@ -214,7 +215,9 @@ class Engine:
                 coll.unpin()
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         index = {"version": 1, "created_at": created, "catalog": catalog, "files": files}
-        store.put_bytes(SNAPSHOT_INDEX, self.cipher.seal(orjson.dumps(index), b"vecta|snapshot"))
+        sealed = self.cipher.seal(orjson.dumps(index), b"vecta|snapshot")
+        store.put_bytes(SNAPSHOT_INDEX, sealed)
+        total += len(sealed)  # `bytes`: everything the snapshot stored (what a backup is listed and billed at)
         return {
             "uri": store.uri,
             "created_at": created,
