@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     k8s_storage_class: str = ""
     object_store_uri: str = ""  # s3://bucket/prefix or file:///path; empty: file://$VECTA_HOME/objects
     local_memory_per_cu_gib: int = Field(8, ge=1)
+    local_spare_engines: int = Field(1, ge=0, le=8)  # warm `vecta engine spare` processes per worker
     max_cu_size: int = Field(16, ge=1)
     reconcile_interval_seconds: float = Field(10.0, gt=0)
     engine_start_timeout_seconds: float = Field(60.0, gt=0)

@@ -87,6 +87,7 @@ def serve(
 @app.command(hidden=True)
 def spare(
     spare_id: str = typer.Option(..., "--spare-id", help="Names this process for its provisioner (not a secret)"),
+    title_room: str = typer.Option("", "--title-room", help="Padding: room for the command line once assigned"),
 ) -> None:
     """A warm engine for the local provisioner: imports the engine, uvicorn and their libraries now, then waits
     on stdin for one assignment (a JSON line: data dir, port, threads, limits, log file, token, data key) and
@@ -128,6 +129,8 @@ def spare(
         raise typer.Exit(2) from None
     del line
     _adopt_assignment(job)
+    if isinstance(job.get("title"), list):
+        set_cmdline([str(a) for a in job["title"]])
     if not token:
         typer.echo(f"spare {spare_id}: empty engine token; refusing to start", err=True)
         raise typer.Exit(2)
@@ -158,3 +161,25 @@ def _adopt_assignment(job: dict[str, Any]) -> None:
 
         os.environ["OMP_NUM_THREADS"] = str(int(job["omp_threads"]))
         faiss.omp_set_num_threads(int(job["omp_threads"]))
+
+
+def set_cmdline(argv: list[str]) -> bool:
+    """Show ``argv`` as this process's command line (/proc/<pid>/cmdline, ps), as setproctitle does: the original
+    argv strings are overwritten in place (CPython copied them at startup and never reads them again). An
+    assigned spare shows the command line a cold ``serve`` of its cluster would have, so everything that finds
+    engines by their command line (re-adoption, stray detection, operators) sees no difference. False, and
+    nothing changed, when the new line does not fit in the original one (the spare's ``--title-room``)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49 of proc(5))
+    except (OSError, IndexError, ValueError):
+        return False
+    new = b"\0".join(a.encode() for a in argv) + b"\0"
+    room = end - start
+    if room <= 0 or len(new) > room:
+        return False
+    ctypes.memmove(start, new + b"\0" * (room - len(new)), room)
+    return True

@@ -6,6 +6,11 @@
   naming the cluster, and by an authenticated health check) instead of starting a second one.
 * Resource limits from ``cu_size``: search threads = ``cu_size`` and an address-space limit of
   ``VECTA_LOCAL_MEMORY_PER_CU_GIB`` x ``cu_size`` (plus a floor for the interpreter and libraries).
+* Warm spares (``VECTA_LOCAL_SPARE_ENGINES``, default 1): the process that starts engines (a Celery worker)
+  keeps ``vecta engine spare`` processes that have already imported the engine and its libraries and wait on a
+  pipe. Starting an engine hands one of them the cluster (data dir, port, limits, token, data key: one JSON
+  line over that pipe) instead of paying a new interpreter's imports. A spare serves exactly one cluster, ever;
+  a new one is started a little later. A spare whose starter dies sees its pipe close and exits.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import fcntl
 import json
 import os
 import resource
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,12 +56,128 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pid_is_engine(pid: int, cluster_id: str) -> bool:
+def _pid_is_engine(pid: int, cluster_id: str, spare_id: str | None = None) -> bool:
+    """``pid`` is this cluster's engine: a ``serve`` naming the cluster, or the spare recorded as assigned to it
+    (its command line names only its own spare id, which is never given to another cluster)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"engine\x00serve" in cmdline and cluster_id.encode() in cmdline
+    if b"engine\x00serve" in cmdline and cluster_id.encode() in cmdline:
+        return True
+    return bool(spare_id) and b"engine\x00spare" in cmdline and str(spare_id).encode() in cmdline.split(b"\x00")
+
+
+_http_client: httpx.Client | None = None
+_http_lock = threading.Lock()
+
+
+def _http() -> httpx.Client:
+    """One client for health checks: a new one per call costs ~50 ms (it loads the CA bundle)."""
+    global _http_client
+    with _http_lock:
+        if _http_client is None:
+            _http_client = httpx.Client(trust_env=False, timeout=2.0)
+        return _http_client
+
+
+def engine_env() -> dict[str, str]:
+    """The environment an engine starts with, before its secrets and thread count."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("VECTA_ENGINE_") and k != "OMP_NUM_THREADS"}
+
+
+class _Spare:
+    def __init__(self, proc: subprocess.Popen[bytes], spare_id: str, env: dict[str, str]) -> None:
+        self.proc, self.spare_id, self.env = proc, spare_id, env
+
+
+TITLE_ROOM = 2048  # bytes of command line a spare reserves for the `serve` command line it shows once assigned
+
+
+class SparePool:
+    """The warm ``vecta engine spare`` processes of this process. Each is handed to one cluster at most."""
+
+    REFILL_DELAY = 3.0  # seconds after a spare is taken: its replacement's imports do not compete with the start
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spares: list[_Spare] = []
+        self._timer: threading.Timer | None = None
+
+    def take(self, env: dict[str, str]) -> _Spare | None:
+        """A live spare started with this environment (one started under another is of no use: discarded)."""
+        with self._lock:
+            while self._spares:
+                spare = self._spares.pop(0)
+                if spare.proc.poll() is None and spare.env == env:
+                    return spare
+                _discard(spare)
+        return None
+
+    def fill(self, count: int, log_dir: Path) -> int:
+        """Start spares until ``count`` are alive; returns how many were started."""
+        env = engine_env()
+        started = 0
+        with self._lock:
+            keep = []
+            for spare in self._spares:
+                if spare.proc.poll() is None and spare.env == env:
+                    keep.append(spare)
+                else:
+                    _discard(spare)
+            self._spares = keep
+            log_dir.mkdir(parents=True, exist_ok=True)
+            while len(self._spares) < count:
+                spare_id = "sp_" + secrets.token_hex(8)
+                with (log_dir / "engine-spares.log").open("ab") as log:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "services.cli", "engine", "spare", "--spare-id", spare_id,
+                         "--title-room", "." * TITLE_ROOM],
+                        env={**env, "OMP_NUM_THREADS": "1"},  # its assignment sets the cluster's count
+                        stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True,  # once assigned it must outlive this process, as any engine
+                    )  # fmt: skip
+                self._spares.append(_Spare(proc, spare_id, env))
+                started += 1
+        return started
+
+    def refill_later(self, count: int, log_dir: Path, delay: float | None = None) -> None:
+        if count <= 0:
+            return
+        with self._lock:
+            if self._timer is not None and self._timer.is_alive():
+                return
+            self._timer = threading.Timer(self.REFILL_DELAY if delay is None else delay, self._refill, (count, log_dir))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _refill(self, count: int, log_dir: Path) -> None:
+        try:
+            self.fill(count, log_dir)
+        except OSError:
+            pass  # the next start is a cold one; it schedules another refill
+
+    def close(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            for spare in self._spares:
+                _discard(spare)
+            self._spares = []
+
+
+def _discard(spare: _Spare) -> None:
+    """An unassigned spare: closing its pipe ends it; killed too, so it need not finish its imports first."""
+    with contextlib.suppress(OSError):
+        if spare.proc.stdin is not None:
+            spare.proc.stdin.close()
+    with contextlib.suppress(ProcessLookupError):
+        spare.proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        spare.proc.wait(5)
+
+
+SPARES = SparePool()
 
 
 class LocalProvisioner:
@@ -70,14 +193,18 @@ class LocalProvisioner:
 
     def _healthy(self, url: str, token: str) -> bool:
         try:
-            r = httpx.get(f"{url}/internal/stats", headers={"authorization": f"Bearer {token}"}, timeout=2.0)
+            r = _http().get(f"{url}/internal/stats", headers={"authorization": f"Bearer {token}"}, timeout=2.0)
         except httpx.HTTPError:
             return False
         return r.status_code == 200
 
     def is_running(self, cluster_id: str, state: dict[str, Any]) -> bool:
         pid = state.get("pid")
-        return isinstance(pid, int) and _pid_is_engine(pid, cluster_id)
+        return isinstance(pid, int) and _pid_is_engine(pid, cluster_id, state.get("spare_id"))
+
+    def warm(self) -> int:
+        """Start the configured number of spare engines now (a worker calls this when it boots)."""
+        return SPARES.fill(get_settings().local_spare_engines, self.log_dir)
 
     @contextlib.contextmanager
     def _locked(self, cluster_id: str) -> Iterator[dict[str, Any]]:
@@ -168,29 +295,65 @@ class LocalProvisioner:
         def limits() -> None:  # runs in the child before exec
             resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
-        log = (self.log_dir / f"engine-{spec.cluster_id}.log").open("ab")
-        try:
-            proc = subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=limits,
-            )  # fmt: skip
-        finally:
-            log.close()
+        proc = self._assign_spare(spec, port, data_dir, memory, args, state)
+        if proc is None:
+            log = (self.log_dir / f"engine-{spec.cluster_id}.log").open("ab")
+            try:
+                proc = subprocess.Popen(
+                    args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, preexec_fn=limits,
+                )  # fmt: skip
+            finally:
+                log.close()
+            state.pop("spare_id", None)
+            state.update(pid=proc.pid, port=port, data_dir=str(data_dir))
+            # Recorded at once: if the caller dies while the engine boots (a Celery worker killed mid-provision),
+            # the next start re-adopts this process instead of starting a second engine on the same data folder.
+            self._save_record(spec.cluster_id, {"pid": proc.pid, "port": port, "data_dir": str(data_dir)})
         url = f"http://127.0.0.1:{port}"
-        state.update(pid=proc.pid, port=port, data_dir=str(data_dir))
-        # Recorded at once: if the caller dies while the engine boots (a Celery worker killed mid-provision), the
-        # next start re-adopts this process instead of starting a second engine on the same data folder.
-        self._save_record(spec.cluster_id, {"pid": proc.pid, "port": port, "data_dir": str(data_dir)})
         if not self._wait_healthy(url, spec.token, proc.pid, timeout, proc) or proc.poll() is not None:
             self._kill(proc.pid)
             raise ProvisionError("the engine did not become healthy in time")
         return EngineHandle(url=url, state=state)
 
+    def _assign_spare(
+        self, spec: EngineSpec, port: int, data_dir: Path, memory: int, args: list[str], state: dict[str, Any]
+    ) -> subprocess.Popen[bytes] | None:
+        """Hand this cluster to a warm spare (recorded first, then told over its pipe); None: start cold."""
+        count = get_settings().local_spare_engines
+        if count <= 0:
+            return None
+        spare = SPARES.take(engine_env())
+        SPARES.refill_later(count, self.log_dir)
+        if spare is None or spare.proc.stdin is None:
+            return None
+        # Recorded before the spare learns its cluster: if this process dies in between, the spare sees its pipe
+        # close and exits, and the record names a dead process (the next start begins afresh).
+        state.update(pid=spare.proc.pid, port=port, data_dir=str(data_dir), spare_id=spare.spare_id)
+        self._save_record(
+            spec.cluster_id,
+            {"pid": spare.proc.pid, "port": port, "data_dir": str(data_dir), "spare_id": spare.spare_id},
+        )
+        job = {
+            "data_dir": str(data_dir), "host": "127.0.0.1", "port": port,
+            "search_threads": max(2, spec.cu_size), "build_threads": spec.cu_size, "omp_threads": spec.cu_size,
+            "memory_bytes": memory, "log_path": str(self.log_dir / f"engine-{spec.cluster_id}.log"), "title": args,
+            "token": spec.token, "data_key": base64.b64encode(spec.data_key).decode(),
+        }  # fmt: skip
+        try:
+            spare.proc.stdin.write(json.dumps(job).encode() + b"\n")
+            spare.proc.stdin.close()
+        except OSError:  # it died meanwhile
+            _discard(spare)
+            state.pop("spare_id", None)
+            return None
+        return spare.proc
+
     def _wait_healthy(
         self, url: str, token: str, pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
     ) -> bool:
         deadline = time.monotonic() + timeout
-        delay = 0.02
+        delay = 0.005
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 return False
@@ -199,7 +362,7 @@ class LocalProvisioner:
             if self._healthy(url, token):
                 return True
             time.sleep(delay)
-            delay = min(0.2, delay * 1.5)
+            delay = min(0.05, delay * 1.5)
         return False
 
     def _kill(self, pid: int, grace: float = 10.0) -> None:
@@ -219,8 +382,9 @@ class LocalProvisioner:
 
     def stop(self, cluster_id: str, state: dict[str, Any]) -> None:
         with self._locked(cluster_id) as record:
-            for pid in {state.get("pid"), record.get("pid")}:
-                if isinstance(pid, int) and _pid_is_engine(pid, cluster_id):
+            for known in (state, record):
+                pid = known.get("pid")
+                if isinstance(pid, int) and _pid_is_engine(pid, cluster_id, known.get("spare_id")):
                     self._kill(pid)
             for pid, _ in self._strays(cluster_id):
                 self._kill(pid)
