@@ -56,6 +56,16 @@ READ_ACTIONS = {"search": "data:read", "hybrid-search": "data:read", "fetch": "d
 WRITE_ACTIONS = {"upsert": "data:write", "delete": "data:write", "imports": "data:write"}
 _HOP_HEADERS = {"content-type", "retry-after"}
 _BUFFER_LIMIT = 1 << 20  # engine answers up to this size are relayed whole, larger ones streamed
+REPLICA_DOWN_SECONDS = 2.0  # a read replica that failed a read gets no reads for this long
+
+
+def _readers(primary: str | None, state: Any) -> tuple[str, ...]:
+    """The members that serve reads: the primary and the read replicas recorded by the provisioner."""
+    replicas = (state or {}).get("replicas") if isinstance(state, dict) else None
+    if not primary or not replicas:
+        return ()
+    urls = [r["url"] for r in replicas if isinstance(r, dict) and isinstance(r.get("url"), str)]
+    return (primary, *urls) if urls else ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class ClusterRoute:
     status: str
     engine_url: str | None
     token: str
+    readers: tuple[str, ...] = ()  # the primary and its read replicas: where idempotent reads may go
 
 
 class Edge:
@@ -87,6 +98,8 @@ class Edge:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         self._routes: dict[str, tuple[float, ClusterRoute | None]] = {}
+        self._turn = 0  # round-robin over a cluster's readers
+        self._down: dict[str, float] = {}  # reader URL -> monotonic time until which it is skipped
 
     async def close(self) -> None:
         await self.session.close()
@@ -107,10 +120,14 @@ class Edge:
             c = await session.get(Cluster, cluster_id)
             if c is not None and c.status != Status.DELETED.value:
                 token = cluster_tasks.cluster_secrets(c)[0] if c.engine_url else ""
-                route = ClusterRoute(c.id, c.org_id, c.project_id, c.plan, c.status, c.engine_url, token)
+                route = ClusterRoute(c.id, c.org_id, c.project_id, c.plan, c.status, c.engine_url, token,
+                                     _readers(c.engine_url, c.engine_state))  # fmt: skip
         if len(self._routes) > 10_000:
             self._routes.clear()
-        self._routes[cluster_id] = (now + 1.0, route)
+        # A cluster on its way to RUNNING (resuming, creating) is looked at again soon: requests retried while
+        # it resumes (~1 s) reach it as soon as it is RUNNING, not up to a second later.
+        ttl = 1.0 if route is None or route.status == Status.RUNNING.value else 0.1
+        self._routes[cluster_id] = (now + ttl, route)
         return route
 
     async def rate_limit(self, subject: AuthSubject, cluster_id: str) -> None:
@@ -168,14 +185,22 @@ class Edge:
         if body:
             headers["content-type"] = request.headers.get("content-type", "application/json")
         query = request.url.query
+        member = self._reader(route) if retry_ok and route.readers else route.engine_url
         for attempt in (0, 1):
             assert route is not None
-            url = f"{route.engine_url}/v1/collections{rest}" + (f"?{query}" if query else "")
+            url = f"{member}/v1/collections{rest}" + (f"?{query}" if query else "")
             headers["authorization"] = f"Bearer {route.token}"
             try:
                 resp = await self.session.request(request.method, URL(url, encoded=True), data=body, headers=headers)
+                if resp.status == 503 and member != route.engine_url and attempt == 0:
+                    resp.release()  # a read replica not (yet) in sync: skip it for a while, read from the primary
+                    member = self._replica_failed(member, route)
+                    continue
                 break
             except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if member != route.engine_url and attempt == 0:  # a read replica failed: reads are idempotent
+                    member = self._replica_failed(member, route)
+                    continue
                 # The cached route may be stale (the cluster was suspended, or its engine restarted elsewhere):
                 # look again; a connection that was never made is safe to retry even for a write.
                 self.invalidate(route.id)
@@ -187,12 +212,16 @@ class Edge:
                     await self._require_running(fresh)
                     if retry_ok or never_sent:
                         route = fresh
+                        member = route.engine_url
                         continue
                 raise ServiceUnavailable(
                     f"cluster {route.id}'s engine is not reachable; retry shortly", retry_after=2,
                     code="engine_unavailable",
                 ) from exc  # fmt: skip
             except TimeoutError as exc:
+                if member != route.engine_url and attempt == 0:
+                    member = self._replica_failed(member, route)
+                    continue
                 raise ServiceUnavailable(
                     f"cluster {route.id}'s engine did not answer in time", retry_after=2, code="engine_timeout"
                 ) from exc
@@ -224,6 +253,25 @@ class Edge:
             relay(), status_code=resp.status, headers=out_headers, background=BackgroundTask(resp.release)
         )
 
+    def _reader(self, route: ClusterRoute) -> str | None:
+        """Round-robin over the primary and its read replicas, skipping members that failed a read lately."""
+        readers = route.readers
+        now = time.monotonic()
+        for _ in range(len(readers)):
+            self._turn += 1
+            url = readers[self._turn % len(readers)]
+            until = self._down.get(url)
+            if until is None or until <= now:
+                return url
+        return route.engine_url
+
+    def _replica_failed(self, url: str | None, route: ClusterRoute) -> str | None:
+        if url is not None:
+            if len(self._down) > 10_000:
+                self._down.clear()
+            self._down[url] = time.monotonic() + REPLICA_DOWN_SECONDS
+        return route.engine_url
+
     async def _require_running(self, route: ClusterRoute) -> None:
         """503 + Retry-After unless the cluster is RUNNING; a suspended serverless cluster starts resuming."""
         if route.status == Status.RUNNING.value and route.engine_url:
@@ -232,10 +280,11 @@ class Edge:
             await self.resume_on_call(route)
             raise ServiceUnavailable(
                 f"cluster {route.id} was suspended and is resuming; retry shortly",
-                retry_after=2, code="cluster_resuming",
+                retry_after=1, code="cluster_resuming",
             )  # fmt: skip
+        soon = route.status in (Status.RESUMING.value, Status.CREATING.value)  # about a second (docs/benchmarks.md)
         raise ServiceUnavailable(
-            f"cluster {route.id} is {route.status}, not RUNNING", retry_after=5, code="cluster_not_ready"
+            f"cluster {route.id} is {route.status}, not RUNNING", retry_after=1 if soon else 5, code="cluster_not_ready"
         )
 
     @staticmethod

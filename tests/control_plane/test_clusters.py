@@ -126,8 +126,8 @@ async def test_cluster_lifecycle(client: httpx.AsyncClient, app: FastAPI) -> Non
     job = await _ok(await client.get(f"/v1/jobs/{accepted['job_id']}", headers=h))
     assert job["kind"] == "cluster.modify" and job["status"] == "succeeded"
     assert await count() == 20
-    r = await client.patch(f"/v1/clusters/{cid}", json={"replicas": 2}, headers=h)
-    assert r.status_code == 422 and r.json()["code"] == "replicas_not_supported", r.text
+    r = await client.patch(f"/v1/clusters/{cid}", json={"replicas": 11}, headers=h)  # 1-10 (tests/.../test_replicas.py)
+    assert r.status_code == 400 and r.json()["detail"].startswith("replicas:"), r.text
     r = await client.patch(f"/v1/clusters/{cid}", json={}, headers=h)
     assert r.status_code == 422, r.text
     assert (await _ok(await client.get(f"/v1/clusters/{cid}", headers=h)))["status"] == "RUNNING"

@@ -39,17 +39,21 @@ def roundtrip(obj: Any, kind: str) -> dict[str, Any]:
 
 
 def test_rendered_objects_are_valid_client_models() -> None:
-    secret, service, sts = render(SPEC, namespace=NS, image="vecta:1.0", memory_per_cu_gib=4, storage_per_cu_gib=20)
+    secret, service, headless, sts = render(
+        SPEC, namespace=NS, image="vecta:1.0", memory_per_cu_gib=4, storage_per_cu_gib=20
+    )
     s = roundtrip(secret, "V1Secret")
     svc = roundtrip(service, "V1Service")
+    pods = roundtrip(headless, "V1Service")
     st = roundtrip(sts, "V1StatefulSet")
     n = names(SPEC.cluster_id)
     assert s["metadata"] == {"name": n["secret"], "namespace": NS, "labels": st["metadata"]["labels"]}
     assert base64.b64decode(s["data"]["token"]).decode() == SPEC.token
     assert base64.b64decode(base64.b64decode(s["data"]["data-key"])) == SPEC.data_key
-    assert (
-        svc["spec"]["selector"] == st["spec"]["selector"]["matchLabels"] == st["spec"]["template"]["metadata"]["labels"]
-    )
+    assert st["spec"]["selector"]["matchLabels"] == st["spec"]["template"]["metadata"]["labels"]
+    # the cluster's Service reaches pod 0 (the primary) only
+    pod0 = {"statefulset.kubernetes.io/pod-name": f"{n['statefulset']}-0"}
+    assert svc["spec"]["selector"] == {**st["spec"]["selector"]["matchLabels"], **pod0}
     pod = st["spec"]["template"]["spec"]
     (engine,) = pod["containers"]
     # cu_size 4: 4 CPUs and 16 GiB, requests == limits; an 80 GiB claim per replica.
@@ -64,6 +68,12 @@ def test_rendered_objects_are_valid_client_models() -> None:
     assert env["VECTA_ENGINE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": n["secret"], "key": "token"}
     assert env["VECTA_ENGINE_DATA_KEY"]["valueFrom"]["secretKeyRef"] == {"name": n["secret"], "key": "data-key"}
     assert engine["args"][:2] == ["engine", "serve"]
+    # read replicas: pods other than 0 follow pod 0 through the headless Service that governs the StatefulSet
+    assert pods["spec"]["clusterIP"] == "None" and st["spec"]["serviceName"] == n["headless"]
+    assert pods["spec"]["selector"] == st["spec"]["selector"]["matchLabels"]
+    i = engine["args"].index("--replica-of")
+    assert engine["args"][i + 1] == f"http://{n['statefulset']}-0.{n['headless']}.{NS}.svc.cluster.local:8700"
+    assert "--replica-unless-ordinal-0" in engine["args"]
     assert engine["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["automountServiceAccountToken"] is False
     assert engine["securityContext"]["runAsNonRoot"] is True
@@ -147,10 +157,11 @@ def test_exact_api_calls(api_server: str) -> None:
     assert [(m, p) for m, p, _ in Recorder.calls] == [
         ("POST", f"{core}/secrets"),
         ("POST", f"{core}/services"),
+        ("POST", f"{core}/services"),  # the headless Service governing the pods (read replicas)
         ("POST", f"{apps}/statefulsets"),
         ("GET", f"{apps}/statefulsets/{n['statefulset']}/status"),
     ]
-    sts_body = Recorder.calls[2][2]
+    sts_body = Recorder.calls[3][2]
     assert sts_body["kind"] == "StatefulSet" and sts_body["spec"]["replicas"] == 1
     assert sts_body["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
         "cpu": "4",
@@ -165,6 +176,8 @@ def test_exact_api_calls(api_server: str) -> None:
         ("PUT", f"{core}/secrets/{n['secret']}"),
         ("POST", f"{core}/services"),
         ("PATCH", f"{core}/services/{n['service']}"),
+        ("POST", f"{core}/services"),
+        ("PATCH", f"{core}/services/{n['headless']}"),
         ("POST", f"{apps}/statefulsets"),
         ("PUT", f"{apps}/statefulsets/{n['statefulset']}"),
         ("GET", f"{apps}/statefulsets/{n['statefulset']}/status"),
@@ -180,6 +193,7 @@ def test_exact_api_calls(api_server: str) -> None:
     assert paths == [
         ("DELETE", f"{apps}/statefulsets/{n['statefulset']}"),
         ("DELETE", f"{core}/services/{n['service']}"),
+        ("DELETE", f"{core}/services/{n['headless']}"),
         ("DELETE", f"{core}/secrets/{n['secret']}"),
         ("DELETE", f"{core}/persistentvolumeclaims"),
     ]

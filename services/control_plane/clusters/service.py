@@ -120,10 +120,8 @@ def _validate_shape(cu_size: int | None, replicas: int | None) -> None:
     settings = get_settings()
     if cu_size is not None and cu_size > settings.max_cu_size:
         raise Unprocessable(f"cu_size: at most {settings.max_cu_size} in this deployment", code="invalid_cu_size")
-    if replicas is not None and replicas > 1:
-        raise Unprocessable(
-            "replicas: read replicas are not available yet; use replicas=1", code="replicas_not_supported"
-        )
+    # replicas (1-10, checked by the schema): the primary plus replicas-1 read replicas following its WAL
+    del replicas
 
 
 async def create_cluster(

@@ -183,10 +183,12 @@ def _restore_in_place(w: Work) -> dict[str, Any]:
 def _modify(w: Work) -> dict[str, Any]:
     prov = get_provisioner(w.provisioner)
     cu = int(w.params.get("cu_size", w.spec.cu_size))
-    prov.stop(w.cluster_id, w.spec.state)
-    spec = EngineSpec(w.cluster_id, cu, w.spec.replicas, w.spec.token, w.spec.data_key, w.spec.state)
-    handle = prov.start(spec, get_settings().engine_start_timeout_seconds)
-    return {**_started(handle.url, handle.state), "cu_size": cu}
+    replicas = int(w.params.get("replicas", w.spec.replicas))
+    if cu != w.spec.cu_size:  # new limits need new processes; a change of replicas alone keeps the primary up
+        prov.stop(w.cluster_id, w.spec.state)
+    spec = EngineSpec(w.cluster_id, cu, replicas, w.spec.token, w.spec.data_key, w.spec.state)
+    handle = prov.start(spec, get_settings().engine_start_timeout_seconds)  # adds or removes read replicas
+    return {**_started(handle.url, handle.state), "cu_size": cu, "replicas": replicas}
 
 
 def snapshot_uri(cluster_id: str, purpose: str) -> str:
@@ -299,8 +301,44 @@ def reconcile() -> dict[str, int]:
         except Exception:
             log.exception("reconcile: re-driving %s failed", cluster_id)
             counts["errors"] = counts.get("errors", 0) + 1
+    for cluster_id in running:
+        try:
+            counts["replicas_restarted"] = counts.get("replicas_restarted", 0) + heal_replicas(cluster_id)
+        except Exception:
+            log.exception("reconcile: healing the read replicas of %s failed", cluster_id)
+            counts["errors"] = counts.get("errors", 0) + 1
     counts["purged"] = purge_deleted()
     return counts
+
+
+def heal_replicas(cluster_id: str) -> int:
+    """A running cluster with read replicas gets any dead replica started again (``start`` re-adopts the live
+    primary and replicas and starts only what is missing); the edge meanwhile reads from the other members."""
+    db = get_database()
+    with db.sync_transaction() as s:
+        c = s.get(Cluster, cluster_id)
+        if c is None or c.status != Status.RUNNING.value or c.replicas <= 1:
+            return 0
+        token, data_key = cluster_secrets(c)
+        spec = EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, dict(c.engine_state or {}))
+        provisioner = c.provisioner
+    prov = get_provisioner(provisioner)
+    if prov.replicas_running(cluster_id, spec.state, spec.replicas) or not prov.is_running(cluster_id, spec.state):
+        return 0  # all there, or the primary itself is down (the heartbeat restarts it, and its replicas)
+    try:
+        handle = prov.start(spec, get_settings().engine_start_timeout_seconds)
+    except ProvisionError as exc:
+        log.error("could not restart the read replicas of %s: %s", cluster_id, exc)
+        return 0
+    with db.sync_transaction() as s:
+        c = s.get(Cluster, cluster_id, with_for_update=True)
+        if c is None or c.status != Status.RUNNING.value:
+            return 0
+        state = dict(c.engine_state or {})
+        state["replicas"] = handle.state.get("replicas", [])
+        c.engine_url, c.engine_state = handle.url, state
+        c.status_reason = f"read replica restarted at {utcnow().isoformat(timespec='seconds')}"
+    return 1
 
 
 def heartbeat(cluster_id: str) -> str:

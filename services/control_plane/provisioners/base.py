@@ -48,3 +48,6 @@ class Provisioner(Protocol):
         """Stop the engine and remove its local data."""
 
     def is_running(self, cluster_id: str, state: dict[str, Any]) -> bool: ...
+
+    def replicas_running(self, cluster_id: str, state: dict[str, Any], replicas: int) -> bool:
+        """Every read replica (``replicas - 1`` engines following the primary) is alive."""

@@ -28,7 +28,13 @@ _GIB = "Gi"
 
 def names(cluster_id: str) -> dict[str, str]:
     base = "vecta-" + cluster_id.replace("_", "-").lower()
-    return {"statefulset": base, "service": base, "secret": base + "-keys"}
+    return {"statefulset": base, "service": base, "secret": base + "-keys", "headless": base + "-pods"}
+
+
+def pod_url(cluster_id: str, namespace: str, ordinal: int) -> str:
+    """A pod's own address through the headless Service (ordinal 0 is the primary, the others its replicas)."""
+    n = names(cluster_id)
+    return f"http://{n['statefulset']}-{ordinal}.{n['headless']}.{namespace}.svc.cluster.local:{ENGINE_PORT}"
 
 
 def labels(cluster_id: str) -> dict[str, str]:
@@ -43,7 +49,7 @@ def render(
     memory_per_cu_gib: int = 4,
     storage_per_cu_gib: int = 20,
     storage_class: str | None = None,
-) -> tuple[client.V1Secret, client.V1Service, client.V1StatefulSet]:
+) -> tuple[client.V1Secret, client.V1Service, client.V1Service, client.V1StatefulSet]:
     n = names(spec.cluster_id)
     lab = labels(spec.cluster_id)
     meta = {"namespace": namespace, "labels": lab}
@@ -55,12 +61,23 @@ def render(
             "data-key": base64.b64encode(base64.b64encode(spec.data_key)).decode(),
         },
     )
+    # The cluster's address is the primary (pod 0) only: writes must never reach a read replica.
     service = client.V1Service(
         metadata=client.V1ObjectMeta(name=n["service"], **meta),
         spec=client.V1ServiceSpec(
-            selector=lab,
+            selector={**lab, "statefulset.kubernetes.io/pod-name": f"{n['statefulset']}-0"},
             ports=[client.V1ServicePort(name="http", port=ENGINE_PORT, target_port=ENGINE_PORT)],
             type="ClusterIP",
+        ),
+    )
+    # Governs the StatefulSet: every pod gets a DNS name (replicas follow pod 0 by it; the edge reads from all).
+    headless = client.V1Service(
+        metadata=client.V1ObjectMeta(name=n["headless"], **meta),
+        spec=client.V1ServiceSpec(
+            selector=lab,
+            cluster_ip="None",
+            publish_not_ready_addresses=True,
+            ports=[client.V1ServicePort(name="http", port=ENGINE_PORT, target_port=ENGINE_PORT)],
         ),
     )
     cpu = str(spec.cu_size)
@@ -91,6 +108,9 @@ def render(
             str(max(2, spec.cu_size)),
             "--build-threads",
             str(spec.cu_size),
+            "--replica-of",  # pods other than 0 follow pod 0 (no effect in pod 0)
+            pod_url(spec.cluster_id, namespace, 0),
+            "--replica-unless-ordinal-0",
         ],
         ports=[client.V1ContainerPort(name="http", container_port=ENGINE_PORT)],
         env=[
@@ -114,7 +134,7 @@ def render(
         metadata=client.V1ObjectMeta(name=n["statefulset"], **meta),
         spec=client.V1StatefulSetSpec(
             replicas=spec.replicas,
-            service_name=n["service"],
+            service_name=n["headless"],
             selector=client.V1LabelSelector(match_labels=lab),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels=lab),
@@ -138,7 +158,7 @@ def render(
             ],
         ),
     )
-    return secret, service, statefulset
+    return secret, service, headless, statefulset
 
 
 class KubernetesProvisioner:
@@ -172,13 +192,14 @@ class KubernetesProvisioner:
             replace(name, self.namespace, body, _request_timeout=30)
 
     def start(self, spec: EngineSpec, timeout: float = 60.0) -> EngineHandle:
-        secret, service, sts = render(
+        secret, service, headless, sts = render(
             spec, namespace=self.namespace, image=self.image, storage_class=self.storage_class, **self.sizes
         )
-        secret.kind, service.kind, sts.kind = "Secret", "Service", "StatefulSet"
+        secret.kind, service.kind, headless.kind, sts.kind = "Secret", "Service", "Service", "StatefulSet"
         n = names(spec.cluster_id)
         self._apply(self.core.create_namespaced_secret, self.core.replace_namespaced_secret, n["secret"], secret)
         self._apply(self.core.create_namespaced_service, self.core.patch_namespaced_service, n["service"], service)
+        self._apply(self.core.create_namespaced_service, self.core.patch_namespaced_service, n["headless"], headless)
         self._apply(
             self.apps.create_namespaced_stateful_set, self.apps.replace_namespaced_stateful_set, n["statefulset"], sts
         )
@@ -189,7 +210,10 @@ class KubernetesProvisioner:
             )
             if status.status is not None and (status.status.ready_replicas or 0) >= spec.replicas:
                 url = f"http://{n['service']}.{self.namespace}.svc.cluster.local:{ENGINE_PORT}"
-                return EngineHandle(url=url, state={"namespace": self.namespace, **n})
+                replicas = [
+                    {"index": i, "url": pod_url(spec.cluster_id, self.namespace, i)} for i in range(1, spec.replicas)
+                ]
+                return EngineHandle(url=url, state={"namespace": self.namespace, **n, "replicas": replicas})
             time.sleep(self.poll_seconds)
         raise ProvisionError("the engine pods did not become ready in time")
 
@@ -209,6 +233,7 @@ class KubernetesProvisioner:
         for call, name in (
             (self.apps.delete_namespaced_stateful_set, n["statefulset"]),
             (self.core.delete_namespaced_service, n["service"]),
+            (self.core.delete_namespaced_service, n["headless"]),
             (self.core.delete_namespaced_secret, n["secret"]),
         ):
             try:
@@ -228,3 +253,13 @@ class KubernetesProvisioner:
         except ApiException:
             return False
         return sts.status is not None and bool(sts.status.ready_replicas)
+
+    def replicas_running(self, cluster_id: str, state: dict[str, Any], replicas: int) -> bool:
+        """The StatefulSet controller restarts dead pods itself: all are there once ``replicas`` are ready."""
+        try:
+            sts = self.apps.read_namespaced_stateful_set_status(
+                names(cluster_id)["statefulset"], self.namespace, _request_timeout=10
+            )
+        except ApiException:
+            return False
+        return sts.status is not None and (sts.status.ready_replicas or 0) >= replicas

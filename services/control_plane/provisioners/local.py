@@ -265,6 +265,7 @@ class LocalProvisioner:
                 if strays:
                     state.update(pid=strays[0][0], port=strays[0][1])
             handle = self._start(spec, state, timeout)
+            handle = self._ensure_replicas(spec, handle, record.get("replicas", state.get("replicas")), timeout)
             record.clear()
             record.update(handle.state)
             return handle
@@ -389,12 +390,113 @@ class LocalProvisioner:
             for pid, _ in self._strays(cluster_id):
                 self._kill(pid)
             record.pop("pid", None)
+            self._stop_replicas(cluster_id, [*state.get("replicas", []), *record.pop("replicas", [])], wipe=False)
 
     def destroy(self, cluster_id: str, state: dict[str, Any]) -> None:
         self.stop(cluster_id, state)
         shutil.rmtree(self.data_dir(cluster_id), ignore_errors=True)
+        shutil.rmtree(self.replicas_root(cluster_id), ignore_errors=True)
         for suffix in (".state.json", ".lock"):
             (self.root / f"{cluster_id}{suffix}").unlink(missing_ok=True)
+
+    # -- read replicas: `replicas - 1` engines following the primary (``vecta engine serve --replica-of``) -------
+    def replicas_root(self, cluster_id: str) -> Path:
+        return self.root / f"{cluster_id}.replicas"
+
+    def replicas_running(self, cluster_id: str, state: dict[str, Any], replicas: int) -> bool:
+        """Every read replica the cluster should have is recorded and its process alive."""
+        entries = [r for r in state.get("replicas", []) if isinstance(r, dict)]
+        if len(entries) != max(0, replicas - 1):
+            return False
+        return all(isinstance(r.get("pid"), int) and _pid_is_engine(r["pid"], cluster_id) for r in entries)
+
+    def _ensure_replicas(self, spec: EngineSpec, primary: EngineHandle, known: Any, timeout: float) -> EngineHandle:
+        """Adopt or start replicas 1 … replicas-1 following ``primary``; stop (and wipe) any beyond. Each has its own
+        port, data folder (``<root>/<cluster>.replicas/r<i>``) and record entry; a replica following an old
+        primary address is restarted."""
+        entries = {r["index"]: r for r in (known or []) if isinstance(r, dict) and isinstance(r.get("index"), int)}
+        want = max(0, spec.replicas - 1)
+        extra = [r for i, r in entries.items() if i > want]
+        self._stop_replicas(spec.cluster_id, extra, wipe=True)
+        out: list[dict[str, Any]] = []
+        for i in range(1, want + 1):
+            entry = entries.get(i, {})
+            pid, port = entry.get("pid"), entry.get("port")
+            if isinstance(pid, int) and _pid_is_engine(pid, spec.cluster_id):
+                if entry.get("primary_url") == primary.url and isinstance(port, int):
+                    if self._wait_healthy(f"http://127.0.0.1:{port}", spec.token, pid, min(timeout, 10.0)):
+                        out.append(entry)
+                        continue
+                self._kill(pid)
+            for stray in self._replica_strays(spec.cluster_id, i):
+                self._kill(stray)
+            out.append(self._spawn_replica(spec, i, primary.url, port, timeout))
+        return EngineHandle(url=primary.url, state={**primary.state, "replicas": out})
+
+    def _spawn_replica(self, spec: EngineSpec, index: int, primary_url: str, port: Any, timeout: float) -> dict:
+        if not isinstance(port, int) or not _port_free(port):
+            port = _free_port()
+        data_dir = self.replicas_root(spec.cluster_id) / f"r{index}"
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_ENGINE_")}
+        env["VECTA_ENGINE_TOKEN"] = spec.token  # secrets in the environment only, as for the primary
+        env["VECTA_ENGINE_DATA_KEY"] = base64.b64encode(spec.data_key).decode()
+        env["OMP_NUM_THREADS"] = str(spec.cu_size)
+        args = [
+            sys.executable, "-m", "services.cli", "engine", "serve",
+            "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
+            "--search-threads", str(max(2, spec.cu_size)), "--build-threads", str(spec.cu_size),
+            "--replica-of", primary_url,
+        ]  # fmt: skip
+        memory = (get_settings().local_memory_per_cu_gib * spec.cu_size + 4) * _GIB
+
+        def limits() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+        with (self.log_dir / f"engine-{spec.cluster_id}-r{index}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=limits,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        if not self._wait_healthy(url, spec.token, proc.pid, timeout, proc) or proc.poll() is not None:
+            self._kill(proc.pid)
+            raise ProvisionError(f"read replica {index} did not become healthy in time")
+        entry = {"index": index, "pid": proc.pid, "port": port, "url": url, "data_dir": str(data_dir)}
+        return {**entry, "primary_url": primary_url}
+
+    def _replica_strays(self, cluster_id: str, index: int) -> list[int]:
+        """Processes serving replica ``index``'s data folder (one whose starter died before recording it)."""
+        data_dir = str(self.replicas_root(cluster_id) / f"r{index}").encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--data-dir" in argv and b"--replica-of" in argv:
+                i = argv.index(b"--data-dir")
+                if i + 1 < len(argv) and argv[i + 1] == data_dir:
+                    found.append(int(entry.name))
+        return found
+
+    def _stop_replicas(self, cluster_id: str, entries: list[Any], wipe: bool) -> None:
+        """Stop the given replicas (and with ``wipe`` remove their data folders: scaled away)."""
+        for r in entries:
+            if not isinstance(r, dict):
+                continue
+            pid = r.get("pid")
+            if isinstance(pid, int) and _pid_is_engine(pid, cluster_id):
+                self._kill(pid)
+            index = r.get("index")
+            if isinstance(index, int):
+                for stray in self._replica_strays(cluster_id, index):
+                    self._kill(stray)
+                if wipe:
+                    shutil.rmtree(self.replicas_root(cluster_id) / f"r{index}", ignore_errors=True)
 
 
 def _is_zombie(pid: int) -> bool:
