@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,22 @@ def test_a_bad_assignment_is_refused_without_echoing_it(tmp_path: Path) -> None:
     out = proc.stdout.read()
     assert b"invalid assignment" in out and secret.encode() not in out and b"bm90IDMyIGJ5dGVz" not in out
     assert not (tmp_path / "d").exists()
+
+
+def test_replenish_replaces_a_used_spare_without_waiting_for_the_refill_delay(tmp_path: Path, pool: SparePool) -> None:
+    prov = LocalProvisioner(root=tmp_path / "clusters")
+    pool.fill(1, prov.log_dir)
+    handle = prov.start(EngineSpec("cl_spared", 1, 1, "tok-d", os.urandom(32), {}), 60)
+    try:
+        assert handle.state["spare_id"] and not pool._spares  # taken; its refill is due in REFILL_DELAY (an hour)
+        prov.replenish()  # what a task does once its engine is up and loaded
+        for _ in range(600):
+            if pool._spares:
+                break
+            time.sleep(0.05)
+        assert len(pool._spares) == 1
+        fresh = pool._spares[0]
+        assert fresh.proc.poll() is None and fresh.proc.pid != handle.state["pid"]
+        assert fresh.spare_id != handle.state["spare_id"]
+    finally:
+        prov.destroy("cl_spared", handle.state)

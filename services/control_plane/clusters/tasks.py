@@ -154,13 +154,21 @@ def _started(handle_url: str, state: dict[str, Any]) -> dict[str, Any]:
 
 def _provision(w: Work) -> dict[str, Any]:
     t0 = time.perf_counter()
-    handle = get_provisioner(w.provisioner).start(w.spec, get_settings().engine_start_timeout_seconds)
+    prov = get_provisioner(w.provisioner)
+    handle = prov.start(w.spec, get_settings().engine_start_timeout_seconds)
     t1 = time.perf_counter()
     if w.params.get("restore_uri"):  # a new cluster made from a backup
         _restore_into(handle.url, w.spec.token, w.params["restore_uri"])
     log.info("cluster.provision %s timings: engine_start %.3f s, restore %.3f s", w.cluster_id, t1 - t0,
              time.perf_counter() - t1)  # fmt: skip
+    _replenish(prov)
     return _started(handle.url, handle.state)
+
+
+def _replenish(prov: Any) -> None:
+    """The engine is up and loaded: the local provisioner may now replace the warm spare it used."""
+    if isinstance(prov, LocalProvisioner):
+        prov.replenish()
 
 
 def _restore_into(url: str, token: str, uri: str) -> None:
@@ -223,6 +231,7 @@ def _resume(w: Work) -> dict[str, Any]:
         state["restored"] = True
     log.info("cluster.resume %s timings: engine_start %.3f s, restore %.3f s", w.cluster_id, t1 - t0,
              time.perf_counter() - t1)  # fmt: skip
+    _replenish(prov)
     return _started(handle.url, state)
 
 

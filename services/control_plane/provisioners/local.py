@@ -103,6 +103,7 @@ class SparePool:
         self._lock = threading.Lock()
         self._spares: list[_Spare] = []
         self._timer: threading.Timer | None = None
+        self._due = 0.0
 
     def take(self, env: dict[str, str]) -> _Spare | None:
         """A live spare started with this environment (one started under another is of no use: discarded)."""
@@ -142,12 +143,18 @@ class SparePool:
         return started
 
     def refill_later(self, count: int, log_dir: Path, delay: float | None = None) -> None:
+        """Top the pool up in the background after ``delay`` (default REFILL_DELAY); an earlier request wins."""
         if count <= 0:
             return
+        delay = self.REFILL_DELAY if delay is None else delay
+        due = time.monotonic() + delay
         with self._lock:
             if self._timer is not None and self._timer.is_alive():
-                return
-            self._timer = threading.Timer(self.REFILL_DELAY if delay is None else delay, self._refill, (count, log_dir))
+                if self._due <= due:
+                    return
+                self._timer.cancel()
+            self._due = due
+            self._timer = threading.Timer(delay, self._refill, (count, log_dir))
             self._timer.daemon = True
             self._timer.start()
 
@@ -205,6 +212,11 @@ class LocalProvisioner:
     def warm(self) -> int:
         """Start the configured number of spare engines now (a worker calls this when it boots)."""
         return SPARES.fill(get_settings().local_spare_engines, self.log_dir)
+
+    def replenish(self) -> None:
+        """Replace used spares now, in the background: the caller's engine has started and loaded its data, so
+        the new spare's imports no longer compete with that (tasks call this when a start is complete)."""
+        SPARES.refill_later(get_settings().local_spare_engines, self.log_dir, delay=0.0)
 
     @contextlib.contextmanager
     def _locked(self, cluster_id: str) -> Iterator[dict[str, Any]]:
