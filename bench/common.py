@@ -60,9 +60,38 @@ def _exact(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def load_dataset(n: int | None = None, k: int = 100) -> Dataset:
+def synthetic_dataset(n: int, k: int = 100, dim: int = 384, nq: int = 1000, seed: int = 7) -> Dataset:
+    """Clustered random unit vectors with make_dataset.py's metadata: for iterating on the engine's HTTP path
+    while bench/data is not built. Never the figures of record (those need the real embeddings)."""
+    sys.path.insert(0, str(BENCH))
+    from make_dataset import FILTERS, matches, metadata_for
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(16, n // 500), dim)).astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        x = centers[rng.integers(0, len(centers), m)] + 0.6 * rng.standard_normal((m, dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    base, queries = draw(n), draw(nq)
+    sources = ("python", "man", "info", "aws")
+    metadata = [metadata_for(i, sources[i % 4]) for i in range(n)]
+    filters = {}
+    for name, flt in FILTERS.items():
+        mask = np.fromiter((matches(m, flt) for m in metadata), dtype=bool, count=n)
+        sel = np.flatnonzero(mask)
+        sub = _exact(base[sel], queries, k)
+        fgt = np.where(sub >= 0, sel[np.clip(sub, 0, None)], -1)
+        filters[name] = {"filter": flt, "mask": mask, "gt": fgt, "selectivity": float(mask.mean())}
+    ids = [f"p{i:07d}" for i in range(n)]
+    return Dataset(ids=ids, base=base, queries=queries, gt=_exact(base, queries, k), metadata=metadata, filters=filters)
+
+
+def load_dataset(n: int | None = None, k: int = 100, synthetic: bool = False) -> Dataset:
     """Load bench/data (built by make_dataset.py); with n smaller than the full set, use the first n records
-    and recompute exact ground truth for that subset."""
+    and recompute exact ground truth for that subset. ``synthetic``: see synthetic_dataset."""
+    if synthetic:
+        return synthetic_dataset(n or 100_000, k)
     manifest_path = DATA / "manifest.json"
     if not manifest_path.exists():
         sys.exit("bench/data is missing: run `HF_HUB_OFFLINE=1 .venv/bin/python bench/make_dataset.py` first")

@@ -342,6 +342,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved slices per baseline/figure pair")
     ap.add_argument("--index-timeout", type=float, default=900)
     ap.add_argument("--skip-fastapi", action="store_true")
+    ap.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="clustered random vectors instead of bench/data (for iterating; not figures of record)",
+    )
     ap.add_argument("--keep-data", action="store_true", help="keep the engine's data dir")
     ap.add_argument(
         "--profile",
@@ -357,9 +362,13 @@ def main() -> None:
         f"{os.cpu_count()} cores"
     )
     log(f"load average at start: {load_average()}")
-    ds = load_dataset(n)
+    ds = load_dataset(n, synthetic=args.synthetic)
     log(f"data: {ds.n} x {ds.dim} base, {len(ds.queries)} queries")
-    rep.note("data", f"{ds.n} vectors x {ds.dim}d, {len(ds.queries)} queries, metric ip (normalized)")
+    rep.note(
+        "data",
+        f"{ds.n} vectors x {ds.dim}d, {len(ds.queries)} queries, metric ip (normalized)"
+        + (" SYNTHETIC (clustered random; not figures of record)" if args.synthetic else ""),
+    )
 
     # ---- raw faiss index and ef
     index = build_hnsw(ds, args.M, args.efc)

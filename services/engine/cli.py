@@ -1,4 +1,4 @@
-"""``vecta engine serve``: run one engine worker (uvicorn + uvloop + httptools, one process)."""
+"""``vecta engine serve``: run one engine worker (uvloop + httptools behind a lean HTTP/1.1 front, one process)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,19 @@ UVICORN_OPTIONS: dict[str, Any] = {  # what `serve` and an assigned `spare` run 
     "server_header": False,
     "date_header": False,
 }
+
+
+def serve_http(asgi: Any, host: str, port: int, log_level: str) -> None:
+    """The engine's own lean HTTP/1.1 front (services/engine/http.py); VECTA_ENGINE_HTTP=uvicorn runs it under
+    uvicorn instead (the benchmark's baseline for that choice, and a fallback)."""
+    if os.environ.get("VECTA_ENGINE_HTTP", "lean") == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(asgi, host=host, port=port, log_level=log_level, **UVICORN_OPTIONS)
+        return
+    from .http import run
+
+    run(asgi, host, port, max_body=asgi.max_body)
 
 
 @app.callback()
@@ -50,8 +63,6 @@ def serve(
     ),
 ) -> None:
     """Serve the data-plane API. Needs VECTA_ENGINE_TOKEN and VECTA_ENGINE_DATA_KEY (32 bytes, base64)."""
-    import uvicorn
-
     from .collection import Settings
     from .crypto import parse_data_key
     from .engine import Engine, tune_malloc
@@ -81,7 +92,7 @@ def serve(
         from .replication import Follower
 
         asgi.follower = Follower(engine, replica_of, token)
-    uvicorn.run(asgi, host=host, port=port, log_level=log_level, **UVICORN_OPTIONS)
+    serve_http(asgi, host, port, log_level)
 
 
 @app.command(hidden=True)
@@ -96,11 +107,10 @@ def spare(
     import json
     import sys
 
-    import uvicorn
-    import uvicorn.lifespan.on
-    import uvicorn.loops.uvloop
-    import uvicorn.protocols.http.httptools_impl  # imported now rather than after the assignment
+    import httptools  # noqa: F401  (imported now rather than after the assignment)
+    import uvloop  # noqa: F401
 
+    from . import http  # noqa: F401
     from .collection import Settings
     from .crypto import parse_data_key
     from .engine import Engine, tune_malloc
@@ -137,7 +147,7 @@ def spare(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     engine = Engine(data_dir, key, settings)
     asgi = EngineApp(engine, token, search_threads=search_threads or None)
-    uvicorn.run(asgi, host=host, port=port, log_level=log_level, **UVICORN_OPTIONS)
+    serve_http(asgi, host, port, log_level)
 
 
 def _adopt_assignment(job: dict[str, Any]) -> None:

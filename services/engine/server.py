@@ -169,6 +169,7 @@ class EngineApp:
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch_pending: dict[tuple[Any, ...], list[tuple[Any, asyncio.Future[Any]]]] = {}
         self._batch_runners: dict[tuple[Any, ...], int] = {}
+        self._in_pool = 0  # micro-batches running in the search pool
         self.admin_pool = ThreadPoolExecutor(1, thread_name_prefix="vecta-admin")
         self.max_body = max_body_bytes
         self.metrics = _Metrics()
@@ -371,18 +372,8 @@ class EngineApp:
                         res = await self._search_split(fn, p, nq)
                     elif nq >= OMP_MIN_QUERIES and self.cores > 1:
                         res = await loop.run_in_executor(self.search_pool, _search_wide, fn, p, self.cores)
-                    elif (
-                        self.inline_search
-                        and self._active == 1
-                        and q is not None
-                        and nq == 1
-                        and p["filter"] is None
-                        and action == "search"
-                        and coll.cheap_search()
-                    ):
-                        res = fn(p)  # nothing else to serve: skip the thread hop (faiss single query, ~0.1-1 ms)
                     elif q is not None and nq == 1 and p["filter"] is None and action == "search" and not p["multi"]:
-                        res = await self._search_batched(coll, fn, p)
+                        res = await self._search_batched(loop, coll, fn, p)
                     else:
                         res = await loop.run_in_executor(self.search_pool, fn, p)
                     return action, {"results": res}, 200
@@ -435,23 +426,29 @@ class EngineApp:
             return "metrics", (CONTENT_TYPE_LATEST.encode(), self._metrics_text()), 200
         raise NotFound(f"no route for {method} {path}", code="route_not_found")
 
-    async def _search_batched(self, coll: Any, fn: Callable[[Any], Any], p: dict[str, Any]) -> Any:
+    async def _search_batched(
+        self, loop: asyncio.AbstractEventLoop, coll: Any, fn: Callable[[Any], Any], p: dict[str, Any]
+    ) -> Any:
         """Micro-batching of concurrent single unfiltered queries with the same parameters: like the group
         commit, up to one runner per core takes every query waiting for it and makes one faiss call for all
         of them; a query that arrives while all runners are busy joins the next batch (no timer: the only wait
-        is one event-loop turn, and only when a runner starts). Results are what each query gets alone."""
-        loop = asyncio.get_running_loop()
+        is one event-loop turn, and only when a runner starts). Results are what each query gets alone.
+
+        A lone query (nothing else waiting after that loop turn, no search running in the pool) on a fully
+        indexed collection runs on the event loop itself: the thread hop would cost more than the search. The
+        decision is taken after the loop turn, when every request that arrived with it has been read; deciding
+        on arrival would see one request at a time and never use the pool's second core."""
         key = (coll.cfg.cid, p["top_k"], p["ef"], p["nprobe"], p["include_metadata"], p["include_vectors"])
         fut: asyncio.Future[Any] = loop.create_future()
         self._batch_pending.setdefault(key, []).append((p["q"], fut))
         if self._batch_runners.get(key, 0) < self.cores:
             self._batch_runners[key] = self._batch_runners.get(key, 0) + 1
-            task = loop.create_task(self._batch_runner(key, fn, p))
+            task = loop.create_task(self._batch_runner(key, fn, p, coll))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await fut
 
-    async def _batch_runner(self, key: tuple[Any, ...], fn: Callable[[Any], Any], p: dict[str, Any]) -> None:
+    async def _batch_runner(self, key: tuple[Any, ...], fn: Callable[[Any], Any], p: dict[str, Any], coll: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -459,8 +456,23 @@ class EngineApp:
                 items = self._batch_pending.pop(key, None)
                 if not items:
                     return
+                if len(items) == 1 and self.inline_search and self._in_pool == 0 and coll.cheap_search():
+                    f = items[0][1]
+                    try:
+                        r = fn({**p, "q": items[0][0], "multi": True})
+                    except Exception as exc:
+                        if not f.done():
+                            f.set_exception(exc)
+                    else:
+                        if not f.done():
+                            f.set_result(r[0])
+                    continue
                 q = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
-                await _run_shared(loop, self.search_pool, fn, {**p, "q": q, "multi": True}, [f for _, f in items])
+                self._in_pool += 1
+                try:
+                    await _run_shared(loop, self.search_pool, fn, {**p, "q": q, "multi": True}, [f for _, f in items])
+                finally:
+                    self._in_pool -= 1
         finally:
             n = self._batch_runners.get(key, 1) - 1
             if n > 0:
