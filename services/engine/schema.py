@@ -304,38 +304,43 @@ def _fast_records(body: bytes, dim: int) -> tuple[list[dict[str, Any]], np.ndarr
         n = len(recs)
         if n == 0 or n > MAX_UPSERT_RECORDS:
             return None
-        out = np.empty((n, dim), dtype=np.float32)
+        bufs: list[Any] = []
         records: list[dict[str, Any]] = []
         obj, arr = sj.Object, sj.Array
-        with np.errstate(over="ignore"):  # beyond float32: inf, reported by check_finite with its record
-            for i, r in enumerate(recs):  # iterate: indexing a simdjson array is linear in the index
-                if not isinstance(r, obj):
-                    return None
-                keys = list(r.keys())
-                if len(set(keys)) != len(keys) or "vector" not in keys:
-                    return None
-                v = r["vector"]
-                if not isinstance(v, arr) or len(v) != dim:
-                    return None
-                flat = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)  # nested arrays are flattened:
-                if len(flat) != dim:  # the bracket count below catches those
-                    return None
-                out[i] = flat
-                rec: dict[str, Any] = {}
-                for k in keys:
-                    if k == "vector":
-                        continue
-                    val = r[k]
-                    if isinstance(val, obj):
-                        val = val.as_dict()
-                    elif isinstance(val, arr):
-                        val = val.as_list()
-                    rec[k] = val
-                records.append(rec)
+        width = 8 * dim
+        for r in recs:  # iterate: indexing a simdjson array is linear in the index
+            if not isinstance(r, obj):
+                return None
+            keys = r.keys()
+            v = r["vector"]  # missing: KeyError, and the slow path names the record
+            if not isinstance(v, arr) or len(v) != dim:
+                return None
+            flat = v.as_buffer(of_type="d")  # nested arrays are flattened: the bracket count below catches those
+            if memoryview(flat).nbytes != width:
+                return None
+            bufs.append(flat)
+            rec: dict[str, Any] = {}
+            nkeys = 0
+            for k in keys:
+                nkeys += 1
+                if k == "vector":
+                    continue
+                val = r[k]
+                if isinstance(val, obj):
+                    val = val.as_dict()
+                elif isinstance(val, arr):
+                    val = val.as_list()
+                rec[k] = val
+            if len(rec) != nkeys - 1:  # a repeated key
+                return None
+            records.append(rec)
         # Every '[' of the body is the records array, a vector, or a '[' of the rest re-encoded (arrays and
         # literal '[' in strings; no \u005b escapes, checked above): a vector with nested arrays adds more.
-        if len(records) != n or body.count(b"[") != n + orjson.dumps(records).count(b"["):
+        brackets = int(np.count_nonzero(np.frombuffer(body, dtype=np.uint8) == 0x5B))
+        if len(records) != n or brackets != n + orjson.dumps(records).count(b"["):
             return None
+        with np.errstate(over="ignore"):  # beyond float32: inf, reported by check_finite with its record
+            out = np.frombuffer(b"".join(bufs), dtype=np.float64).astype(np.float32).reshape(n, dim)
         return records, out
     finally:
         doc = recs = r = v = val = flat = None  # release the parser's document
