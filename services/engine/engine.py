@@ -13,6 +13,7 @@ length captured under the collections' write locks) plus an encrypted ``SNAPSHOT
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -20,6 +21,8 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,8 @@ class Engine:
     def open(self, *, background: bool = True) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "collections").mkdir(exist_ok=True)
-        self._load()
+        with bulk_allocations():
+            self._load()
         if background:
             self._thread = threading.Thread(target=self._maintenance_loop, name="vecta-maintenance", daemon=True)
             self._thread.start()
@@ -66,15 +70,36 @@ class Engine:
         if path.exists():
             doc = orjson.loads(self.cipher.read_file(path, b"vecta|" + CATALOG.encode()).tobytes())
             configs = [CollectionConfig.from_json(c) for c in doc["collections"]]
-        known = set()
-        for cfg in configs:
-            coll = Collection(cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings)
-            coll.open()
-            self.collections[cfg.name] = coll
-            known.add(cfg.cid)
+        for coll in self._open_collections(configs):
+            self.collections[coll.cfg.name] = coll
+        known = {cfg.cid for cfg in configs}
         for p in (self.data_dir / "collections").iterdir():
             if p.name not in known:  # a half-created or dropped collection
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _open_collections(self, configs: list[CollectionConfig]) -> list[Collection]:
+        """Open (load segments, replay WALs) these collections, several at once when there are several: reading
+        and decrypting files and deserializing indexes mostly run outside the GIL. All or nothing: on a failure
+        the ones already opened are closed again and the error is raised."""
+        colls = [
+            Collection(cfg, self.data_dir / "collections" / cfg.cid, self.data_dir, self.cipher, self.settings)
+            for cfg in configs
+        ]
+        if len(colls) <= 1:
+            for coll in colls:
+                coll.open()
+            return colls
+        workers = min(len(colls), os.cpu_count() or 2, 4)
+        with ThreadPoolExecutor(workers, thread_name_prefix="vecta-open") as pool:
+            futures = [pool.submit(c.open) for c in colls]
+            errors = [f.exception() for f in futures]
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            for coll, err in zip(colls, errors, strict=True):
+                if err is None:
+                    coll.close()
+            raise failed
+        return colls
 
     def _write_catalog(self) -> None:
         doc = {"version": 1, "collections": [c.cfg.to_json() for c in self.collections.values()]}
@@ -239,41 +264,72 @@ class Engine:
                     "the snapshot index failed authentication (tampered, or another data key)",
                     code="snapshot_invalid",
                 ) from exc
-            stage = self.data_dir / f".restore-{secrets.token_hex(4)}"
-            stage.mkdir(parents=True)
-            try:
-                for f in index["files"]:
-                    dest = stage / f["path"]
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    store.get_file(f"files/{f['path']}", dest)
-                    if dest.stat().st_size != f["size"] or _sha256_prefix(dest, f["size"]) != f["sha256"]:
-                        raise Unprocessable(f"snapshot file {f['path']} is damaged", code="snapshot_invalid")
-                for cfg_doc in index["catalog"]["collections"]:
-                    cdir = stage / "collections" / cfg_doc["cid"]
-                    rel = f"collections/{cfg_doc['cid']}"
-                    aad = f"vecta|{rel}/".encode()
-                    manifest = self.cipher.open((cdir / "MANIFEST.snapshot").read_bytes(), aad + b"MANIFEST.snapshot")
-                    (cdir / "MANIFEST.snapshot").unlink()
-                    self.cipher.write_file(cdir / "MANIFEST.enc", [manifest], aad + b"MANIFEST.enc")
-                self.cipher.write_file(stage / CATALOG, [orjson.dumps(index["catalog"])], b"vecta|" + CATALOG.encode())
-                # move into place: collections first, the catalog last (it is what makes them exist)
-                (self.data_dir / "collections").mkdir(exist_ok=True)
-                for cfg_doc in index["catalog"]["collections"]:
-                    os.replace(stage / "collections" / cfg_doc["cid"], self.data_dir / "collections" / cfg_doc["cid"])
-                os.replace(stage / CATALOG, self.data_dir / CATALOG)
-            except ObjectStoreError as exc:
+            with bulk_allocations():
+                return self._restore(store, index)
+
+    def _restore(self, store: ObjectStore, index: dict[str, Any]) -> dict[str, Any]:
+        """Fetch, verify, load and publish a snapshot; the caller holds the catalog lock."""
+        stage = self.data_dir / f".restore-{secrets.token_hex(4)}"
+        stage.mkdir(parents=True)
+        configs = [CollectionConfig.from_json(c) for c in index["catalog"]["collections"]]
+        moved: list[Path] = []
+        opened: list[Collection] = []
+        checks: list[tuple[dict[str, Any], Future[str]]] = []
+        handles: list[Any] = []
+        hasher = ThreadPoolExecutor(2, thread_name_prefix="vecta-verify")
+        try:
+            # Fetch every file; each one's digest is computed in the background (on a handle opened now, so
+            # moving it below does not disturb that) while the next is fetched and the collections load.
+            for f in index["files"]:
+                dest = stage / f["path"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                store.get_file(f"files/{f['path']}", dest)
+                if dest.stat().st_size != f["size"]:
+                    raise Unprocessable(f"snapshot file {f['path']} is damaged", code="snapshot_invalid")
+                handles.append(open(dest, "rb"))  # closed by _sha256_of, or below if never hashed
+                checks.append((f, hasher.submit(_sha256_of, handles[-1], f["size"])))
+            for cfg_doc in index["catalog"]["collections"]:
+                cdir = stage / "collections" / cfg_doc["cid"]
+                rel = f"collections/{cfg_doc['cid']}"
+                aad = f"vecta|{rel}/".encode()
+                manifest = self.cipher.open((cdir / "MANIFEST.snapshot").read_bytes(), aad + b"MANIFEST.snapshot")
+                (cdir / "MANIFEST.snapshot").unlink()
+                self.cipher.write_file(cdir / "MANIFEST.enc", [manifest], aad + b"MANIFEST.enc")
+            self.cipher.write_file(stage / CATALOG, [orjson.dumps(index["catalog"])], b"vecta|" + CATALOG.encode())
+            # Into place and loaded while the digests are checked; the catalog goes last (it is what makes the
+            # collections exist: a crash before it leaves folders the next open removes).
+            (self.data_dir / "collections").mkdir(exist_ok=True)
+            for cfg in configs:
+                os.replace(stage / "collections" / cfg.cid, self.data_dir / "collections" / cfg.cid)
+                moved.append(self.data_dir / "collections" / cfg.cid)
+            opened = self._open_collections(configs)
+            for f, digest in checks:
+                if digest.result() != f["sha256"]:
+                    raise Unprocessable(f"snapshot file {f['path']} is damaged", code="snapshot_invalid")
+            os.replace(stage / CATALOG, self.data_dir / CATALOG)
+        except BaseException as exc:
+            for coll in opened:
+                coll.close()
+            for path in moved:
+                shutil.rmtree(path, ignore_errors=True)
+            if isinstance(exc, ObjectStoreError):
                 raise Unprocessable(f"snapshot could not be read: {exc}", code="snapshot_invalid") from exc
-            except CorruptionError as exc:
+            if isinstance(exc, CorruptionError):
                 raise Unprocessable(f"snapshot failed authentication: {exc}", code="snapshot_invalid") from exc
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
-            self._load()
-            return {
-                "uri": store.uri,
-                "created_at": index["created_at"],
-                "collections": sorted(self.collections),
-                "vector_count": sum(len(c.id_map) for c in self.collections.values()),
-            }
+            raise
+        finally:
+            hasher.shutdown(wait=True, cancel_futures=True)
+            for fh in handles:
+                fh.close()
+            shutil.rmtree(stage, ignore_errors=True)
+        for coll in opened:
+            self.collections[coll.cfg.name] = coll
+        return {
+            "uri": store.uri,
+            "created_at": index["created_at"],
+            "collections": sorted(self.collections),
+            "vector_count": sum(len(c.id_map) for c in self.collections.values()),
+        }
 
 
 def open_store(uri: Any) -> ObjectStore:
@@ -287,6 +343,20 @@ def open_store(uri: Any) -> ObjectStore:
         from services.core.errors import BadRequest
 
         raise BadRequest(str(exc), code="invalid_uri") from exc
+
+
+def _sha256_of(fh: Any, length: int) -> str:
+    """SHA-256 of the first ``length`` bytes of an open file, which it closes."""
+    with fh:
+        h = hashlib.sha256()
+        remaining = length
+        while remaining > 0:
+            buf = fh.read(min(1 << 20, remaining))
+            if not buf:
+                break
+            h.update(buf)
+            remaining -= len(buf)
+        return h.hexdigest()
 
 
 def _sha256_prefix(path: Path, length: int) -> str:
@@ -329,13 +399,37 @@ def _glibc() -> Any:
     return _libc
 
 
+_MMAP_THRESHOLD = 1 << 20
+_tuned = False
+
+
 def tune_malloc() -> None:
     """Process-wide (the server calls it at start): buffers of 1 MiB and more (request bodies, vector batches,
     index builds) are mmap'ed and go back to the OS when freed, instead of fragmenting the heap arenas."""
+    global _tuned
     lib = _glibc()
     if lib:
-        lib.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops glibc from raising it)
+        lib.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (a fixed value also stops glibc from raising it)
         lib.mallopt(-8, 2)  # M_ARENA_MAX: fewer per-thread arenas holding freed memory
+        _tuned = True
+
+
+@contextlib.contextmanager
+def bulk_allocations() -> Iterator[None]:
+    """While loading data (open, restore): large buffers come from the heap, not from fresh mmaps. Decrypting a
+    segment allocates and frees one 4 MiB chunk after another and deserializing copies it again; with the 1 MiB
+    threshold each of those pages was faulted in anew (~25 % of a 100k-vector restore). Afterwards the tuned
+    threshold is back and the freed heap goes back to the OS. Nothing changes in a process not tuned."""
+    lib: Any = _glibc() if _tuned else None
+    if not lib:
+        yield
+        return
+    lib.mallopt(-3, 256 << 20)
+    try:
+        yield
+    finally:
+        lib.mallopt(-3, _MMAP_THRESHOLD)
+        lib.malloc_trim(0)
 
 
 def trim_memory() -> None:
