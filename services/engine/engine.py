@@ -400,6 +400,7 @@ def _glibc() -> Any:
 
 
 _MMAP_THRESHOLD = 1 << 20
+BULK_MMAP_THRESHOLD = 8 << 20  # above crypto.CHUNK (4 MiB) plus its tag: chunk-sized temporaries reuse the heap
 _tuned = False
 
 
@@ -416,15 +417,17 @@ def tune_malloc() -> None:
 
 @contextlib.contextmanager
 def bulk_allocations() -> Iterator[None]:
-    """While loading data (open, restore): large buffers come from the heap, not from fresh mmaps. Decrypting a
-    segment allocates and frees one 4 MiB chunk after another and deserializing copies it again; with the 1 MiB
-    threshold each of those pages was faulted in anew (~25 % of a 100k-vector restore). Afterwards the tuned
-    threshold is back and the freed heap goes back to the OS. Nothing changes in a process not tuned."""
+    """While loading data (open, restore): chunk-sized buffers come from the heap, not from fresh mmaps.
+    Decrypting a segment allocates and frees one 4 MiB chunk after another; with the 1 MiB threshold each was a
+    new mapping whose pages were faulted in anew (~20 % of a 100k-vector restore). Larger buffers (the whole
+    segment, indexes, a growing segment's reserved space) stay mmap'ed: on the heap they would land on pages
+    already touched and count in RSS untouched. Afterwards the tuned threshold is back and the freed heap is
+    trimmed. Nothing changes in a process not tuned."""
     lib: Any = _glibc() if _tuned else None
     if not lib:
         yield
         return
-    lib.mallopt(-3, 256 << 20)
+    lib.mallopt(-3, BULK_MMAP_THRESHOLD)
     try:
         yield
     finally:
