@@ -98,10 +98,20 @@ def last_job(home: Path, cid: str, kind: str) -> str:
 STEP = re.compile(r"(cluster\.\w+) (\S+) timings: (.*)$")
 
 
-def task_steps(home: Path, cid: str, kind: str) -> str:
-    """The last step timings the worker logged for this cluster and task kind (tasks.py logs them)."""
+def log_mark(home: Path) -> int:
     try:
-        lines = (home / "logs" / "worker.log").read_text(errors="replace").splitlines()
+        return (home / "logs" / "worker.log").stat().st_size
+    except OSError:
+        return 0
+
+
+def task_steps(home: Path, cid: str, kind: str, since: int = 0) -> str:
+    """The step timings the worker logged for this cluster and task kind after offset ``since`` of its log
+    (tasks.py logs them; an older checkout does not)."""
+    try:
+        with (home / "logs" / "worker.log").open("rb") as fh:
+            fh.seek(since)
+            lines = fh.read().decode(errors="replace").splitlines()
     except OSError:
         return "?"
     for line in reversed(lines):
@@ -172,13 +182,14 @@ class Run:
         self.token = key["key"]
 
     def create(self, name: str, keep: bool) -> float:
+        mark = log_mark(self.home)
         t0 = time.perf_counter()
         created = self.api.call("POST", f"/v1/projects/{self.project}/clusters", self.token,
                                 {"name": name, "plan": "serverless", "region": "local"})  # fmt: skip
         assert isinstance(created, dict)
         t1 = self.api.wait_status(self.token, created["id"], "RUNNING")
         pickup, work = job_times(self.home, created["job_id"])
-        steps = task_steps(self.home, created["id"], "cluster.provision")
+        steps = task_steps(self.home, created["id"], "cluster.provision", mark)
         log(f"create {name}: RUNNING after {t1 - t0:.3f} s (job waited {pickup:.3f} s, ran {work:.3f} s: {steps})")
         if keep:
             self.cid = created["id"]
@@ -213,6 +224,7 @@ class Run:
         """From SUSPENDED: seconds until a search through the edge answers 200 (complete results checked)."""
         api, cid, token = self.api, self.cid, self.token
         search = f"/v1/clusters/{cid}/collections/rt/search"
+        mark = log_mark(self.home)
         t0 = time.perf_counter()
         if mode == "explicit":
             accepted = api.call("POST", f"/v1/clusters/{cid}/resume", token)
@@ -237,7 +249,7 @@ class Run:
         if count.get("count") != self.n or len(hits["results"]) != 10:
             raise SystemExit(f"incomplete after resume: count {count}, {len(hits['results'])} hits")
         pickup, work = job_times(self.home, job_id)
-        steps = task_steps(self.home, cid, "cluster.resume")
+        steps = task_steps(self.home, cid, "cluster.resume", mark)
         for part in steps.split(", "):
             name, _, value = part.partition(" ")
             if value.endswith(" s"):
