@@ -50,10 +50,11 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def cpu_ticks_ns(pid: int) -> int:
-    """The process's utime + stime from /proc/PID/stat (every thread, ended ones included), in nanoseconds."""
+def cpu_stat_ns(pid: int) -> tuple[int, int]:
+    """The process's (utime, stime) from /proc/PID/stat (every thread, ended ones included), in nanoseconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) * tick, int(fields[12]) * tick
 
 
 def call(port: int, method: str, path: str, token: str, body: object = None) -> object:
@@ -117,14 +118,15 @@ def run_requests(port: int, reqs: list[bytes], n: int, clients: int) -> np.ndarr
     return np.array([x for lst in lats for x in lst])
 
 
-def measure(
-    port: int, reqs: list[bytes], n: int, clients: int, api_pid: int, engine_pid: int
-) -> tuple[float, float, float, float, float]:
-    """(API CPU ns, API CPU ns from /proc/PID/stat, engine CPU ns, wall seconds, p50 ms) for one round."""
-    a0, t0, e0, w0 = cpu_ns(api_pid), cpu_ticks_ns(api_pid), cpu_ns(engine_pid), time.perf_counter()
+Row = tuple[float, float, float, float, float, float]
+
+
+def measure(port: int, reqs: list[bytes], n: int, clients: int, api_pid: int, engine_pid: int) -> Row:
+    """(API CPU ns, API user ns and system ns from /proc/PID/stat, engine CPU ns, wall seconds, p50 ms)."""
+    a0, (u0, s0), e0, w0 = cpu_ns(api_pid), cpu_stat_ns(api_pid), cpu_ns(engine_pid), time.perf_counter()
     lats = run_requests(port, reqs, n, clients)
-    a1, t1, e1, w1 = cpu_ns(api_pid), cpu_ticks_ns(api_pid), cpu_ns(engine_pid), time.perf_counter()
-    return a1 - a0, t1 - t0, e1 - e0, w1 - w0, float(np.percentile(lats, 50) * 1000)
+    a1, (u1, s1), e1, w1 = cpu_ns(api_pid), cpu_stat_ns(api_pid), cpu_ns(engine_pid), time.perf_counter()
+    return a1 - a0, u1 - u0, s1 - s0, e1 - e0, w1 - w0, float(np.percentile(lats, 50) * 1000)
 
 
 def main() -> None:
@@ -134,6 +136,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=1)
     ap.add_argument("--profile", type=Path, help="py-spy raw output of the API during an extra API round")
+    ap.add_argument("--perf", type=Path, help="`perf record -g` output of the API during an extra API round")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="vecta-bench-edgecpu-"))
@@ -186,12 +189,12 @@ def main() -> None:
         run_requests(eport, direct, 500, 1)
 
         api_pid = up.pid  # `vecta up` runs uvicorn in its own process (the worker is a child process)
-        rows: dict[str, list[tuple[float, float, float, float, float]]] = {"api": [], "direct": []}
+        rows: dict[str, list[Row]] = {"api": [], "direct": []}
         idle: list[float] = []
         for _ in range(args.rounds):
             rows["direct"].append(measure(eport, direct, args.requests, args.clients, api_pid, epid))
             rows["api"].append(measure(port, via_api, args.requests, args.clients, api_pid, epid))
-            wall = rows["api"][-1][3]
+            wall = rows["api"][-1][4]
             i0 = cpu_ns(api_pid)
             time.sleep(min(wall, 3.0))
             idle.append((cpu_ns(api_pid) - i0) / min(wall, 3.0))  # ns of API CPU per idle second
@@ -204,24 +207,33 @@ def main() -> None:
             spy.send_signal(2)
             spy.wait(timeout=30)
 
+        if args.perf is not None:
+            perf = subprocess.Popen(["perf", "record", "-g", "-F", "2000", "-p", str(api_pid), "-o", str(args.perf)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            time.sleep(1.0)
+            run_requests(port, via_api, args.requests * 2, args.clients)
+            perf.send_signal(2)
+            perf.wait(timeout=60)
+
         idle_rate = float(np.median(idle))
         n = args.requests
         print(f"# edge CPU per request: {args.n} x 384 random vectors, {args.rounds} rounds x {n} single-query "
               f"searches, {args.clients} client(s), load {load_average()}")  # fmt: skip
         print(f"API idle CPU: {idle_rate / 1e3:.0f} us/s (subtracted)")
         for label in ("api", "direct"):
-            for i, (a, t, e, wall, p50) in enumerate(rows[label]):
+            for i, (a, u, sy, e, wall, p50) in enumerate(rows[label]):
                 api_us = (a - idle_rate * wall) / n / 1e3
-                print(f"{label:6s} round {i}: API {api_us:7.1f} us/req (stat ticks {t / n / 1e3:7.1f}), engine "
-                      f"{e / n / 1e3:7.1f} us/req, p50 {p50:.3f} ms, {n / wall:7.0f} req/s")  # fmt: skip
+                print(f"{label:6s} round {i}: API {api_us:7.1f} us/req (ticks: user {u / n / 1e3:5.0f} + sys "
+                      f"{sy / n / 1e3:5.0f}), engine {e / n / 1e3:7.1f} us/req, p50 {p50:.3f} ms, "
+                      f"{n / wall:7.0f} req/s")  # fmt: skip
         api = rows["api"]
         med = lambda xs: float(np.median(xs))  # noqa: E731
-        api_us = med([(a - idle_rate * w) / n / 1e3 for a, _, _, w, _ in api])
-        eng_api = med([e / n / 1e3 for _, _, e, _, _ in api])
-        eng_direct = med([e / n / 1e3 for _, _, e, _, _ in rows["direct"]])
+        api_us = med([(r[0] - idle_rate * r[4]) / n / 1e3 for r in api])
+        eng_api = med([r[3] / n / 1e3 for r in api])
+        eng_direct = med([r[3] / n / 1e3 for r in rows["direct"]])
         print(f"SUMMARY API process {api_us:.1f} us/request; engine {eng_api:.1f} us/request via the API, "
-              f"{eng_direct:.1f} direct; p50 API {med([r[4] for r in api]):.3f} ms, direct "
-              f"{med([r[4] for r in rows['direct']]):.3f} ms")  # fmt: skip
+              f"{eng_direct:.1f} direct; p50 API {med([r[5] for r in api]):.3f} ms, direct "
+              f"{med([r[5] for r in rows['direct']]):.3f} ms")  # fmt: skip
         call(port, "DELETE", f"/v1/clusters/{cid}", api_key)
     finally:
         stop_process(up, timeout=30)

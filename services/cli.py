@@ -114,7 +114,17 @@ def up(
     import uvicorn
 
     try:
-        uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, log_level="warning")
+        # No access log (at level warning it printed nothing, but uvicorn still built its arguments per request)
+        # and no Server header; httptools and uvloop are picked when installed (uvicorn[standard]).
+        uvicorn.run(
+            "services.api.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+        )
     finally:
         for child in children:
             _signal_group(child.pid, signal.SIGTERM)

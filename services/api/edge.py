@@ -13,23 +13,24 @@ parsing; their OpenAPI description is added by ``openapi_paths()``.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import anyio
 import orjson
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
-from yarl import URL
+from starlette.types import Receive, Scope, Send
 
+from services.api.edge_client import EngineClient, EngineResponse, EngineUnreachable
 from services.api.errors import problem_response
+from services.api.middleware import observe, request_id_from
 from services.auth.authenticate import Authenticator
 from services.auth.subject import AuthSubject
 from services.control_plane.clusters import tasks as cluster_tasks
@@ -40,23 +41,26 @@ from services.core import audit
 from services.core.celery_app import send
 from services.core.db import Database
 from services.core.errors import (
+    PROBLEM_CONTENT_TYPE,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
     TooManyRequests,
     Unauthorized,
     VectaError,
+    problem_for_status,
 )
 from services.core.ids import new_id
 from services.core.kv import KV
+from services.core.request_context import RequestContext, reset_request, set_request
 from services.core.settings import get_settings
 
 READ_ACTIONS = {"search": "data:read", "hybrid-search": "data:read", "fetch": "data:read", "query": "data:read",
                 "count": "data:read"}  # fmt: skip
 WRITE_ACTIONS = {"upsert": "data:write", "delete": "data:write", "imports": "data:write"}
-_HOP_HEADERS = {"content-type", "retry-after"}
-_BUFFER_LIMIT = 1 << 20  # engine answers up to this size are relayed whole, larger ones streamed
+PROBLEM_CONTENT_TYPE_B = PROBLEM_CONTENT_TYPE.encode()
 REPLICA_DOWN_SECONDS = 2.0  # a read replica that failed a read gets no reads for this long
+log = logging.getLogger(__name__)
 
 
 def _readers(primary: str | None, state: Any) -> tuple[str, ...]:
@@ -89,8 +93,10 @@ class Edge:
         self.max_body = settings.dataplane_max_body_bytes
         self.rate_key = settings.dataplane_rate_per_key
         self.rate_cluster = settings.dataplane_rate_per_cluster
-        # aiohttp rather than httpx here: on this path httpx costs ~1.7 ms a request against ~0.25 ms
-        # (bench/gateway.py, docs/decisions/005-edge-http-client.md).
+        # Forwarding goes through a lean HTTP/1.1 client of our own (httptools): aiohttp cost ~220 µs of CPU a
+        # forwarded search, httpx ~1.7 ms (bench/edge_cpu.py, docs/decisions/005-edge-http-client.md).
+        self.engine = EngineClient(timeout=settings.dataplane_timeout_seconds, connect_timeout=2.0)
+        # aiohttp for the control plane's own engine calls off the hot path (imports).
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=512, limit_per_host=256, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=settings.dataplane_timeout_seconds, sock_connect=2.0),
@@ -102,6 +108,7 @@ class Edge:
         self._down: dict[str, float] = {}  # reader URL -> monotonic time until which it is skipped
 
     async def close(self) -> None:
+        await self.engine.close()
         await self.session.close()
 
     def invalidate(self, cluster_id: str | None = None) -> None:
@@ -155,22 +162,128 @@ class Edge:
         self.invalidate(route.id)
         await anyio.to_thread.run_sync(send, "cluster.resume", (route.id, job.id), {})
 
-    async def handle(self, request: Request) -> Response:
+    async def dispatch(self, scope: Scope, receive: Receive, send: Send, cluster_id: str, rest: str) -> None:
+        """Serve one data-plane request at the ASGI level, ahead of the FastAPI app and its middleware (see
+        ``VectaAPI`` in services/api/app.py). It keeps what that middleware gives every request, cheaply: the
+        request context (id, client address) for audit records and logs, ``X-Request-Id`` on the answer, the
+        Prometheus request metrics by route template, problem+json for unexpected errors."""
+        started = time.perf_counter()
+        authorization = content_type = content_length = rid = user_agent = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"x-request-id":
+                rid = value
+            elif name == b"user-agent":
+                user_agent = value
+        request_id = request_id_from(rid)
+        client = scope.get("client")
+        token = set_request(
+            RequestContext(
+                request_id=request_id,
+                ip=client[0] if client else None,
+                user_agent=user_agent.decode("latin-1")[:300] if user_agent is not None else None,
+            )
+        )
+        scope["path_params"] = {"cluster_id": cluster_id, "rest": rest}
+        template = scope["vecta.route"] = DATAPLANE_PREFIX + ("{rest}" if rest else "")
+        rid_header = (b"x-request-id", request_id.encode())
+        status = 500
+        started_response = False
         try:
-            return await self._handle(request)
+            try:
+                answer = await self._serve(
+                    scope, receive, cluster_id, rest, authorization, content_type, content_length
+                )
+            except VectaError as exc:
+                problem = exc.problem(_instance(scope))
+                status = problem["status"]
+                headers = [(b"content-type", PROBLEM_CONTENT_TYPE_B), rid_header]
+                headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+                started_response = True
+                await _send_whole(send, status, headers, orjson.dumps(problem))
+                return
+            if isinstance(answer, Response):  # served by the control plane (imports)
+                status = answer.status_code
+                answer.raw_headers.append(rid_header)
+                started_response = True
+                await answer(scope, receive, send)
+                return
+            status = answer.status
+            headers = answer.headers
+            headers.append(rid_header)
+            started_response = True
+            if answer.body is not None:
+                await _send_whole(send, status, headers, answer.body)
+                return
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            async for chunk in answer.stream():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except _ClientGone:
+            status = 499  # the client left before its request was read: nobody to answer
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], template)
+            if started_response:
+                raise  # the answer is half sent: the server closes the connection
+            status = 500
+            body = orjson.dumps(
+                problem_for_status(500, "an internal error occurred; it has been logged", "internal_error")
+            )
+            await _send_whole(send, 500, [(b"content-type", PROBLEM_CONTENT_TYPE_B), rid_header], body)
+        finally:
+            reset_request(token)
+            observe(scope["method"], template, status, time.perf_counter() - started)
+
+    async def handle(self, request: Request) -> Response:
+        """The edge as a Starlette endpoint (``routes()``): the same as ``dispatch``, for a Request."""
+        scope = request.scope
+        headers = request.headers
+        try:
+            answer = await self._serve(
+                scope,
+                request.receive,
+                request.path_params["cluster_id"],
+                request.path_params.get("rest", ""),
+                _header_bytes(headers.get("authorization")),
+                _header_bytes(headers.get("content-type")),
+                _header_bytes(headers.get("content-length")),
+            )
         except VectaError as exc:
             return problem_response(exc.problem(request.url.path), exc.headers)
+        if isinstance(answer, Response):
+            return answer
+        out_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer.headers}
+        if answer.body is not None:
+            return Response(answer.body, status_code=answer.status, headers=out_headers)
+        return StreamingResponse(answer.stream(), status_code=answer.status, headers=out_headers)
 
-    async def _handle(self, request: Request) -> Response:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        cluster_id: str,
+        rest: str,
+        authorization: bytes | None,
+        content_type: bytes | None,
+        content_length: bytes | None,
+    ) -> EngineResponse | Response:
+        """Authenticate, resolve, authorize, rate-limit, then forward to the engine (or run an import)."""
+        scheme, _, bearer = (authorization or b"").decode("latin-1").partition(" ")
+        bearer = bearer.strip()
+        if scheme.lower() != "bearer" or not bearer:
             raise Unauthorized("missing bearer token", code="missing_credentials")
-        subject = await self.authenticator.authenticate(token.strip())
-        request.state.subject = subject
-        cluster_id: str = request.path_params["cluster_id"]
-        rest: str = request.path_params.get("rest", "")
-        privilege, retry_ok = self._privilege(request.method, rest)
+        subject = await self.authenticator.authenticate(bearer)
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["subject"] = subject  # request.state.subject, as for the rest of the API
+        method: str = scope["method"]
+        privilege, retry_ok = self._privilege(method, rest)
         route = await self.resolve(cluster_id)
         if route is None:
             raise NotFound(f"cluster {cluster_id} not found", code="cluster_not_found")
@@ -178,39 +291,39 @@ class Edge:
         await self.rate_limit(subject, route.id)
         await self._require_running(route)
         if "/imports" in rest and (target := imports_api.match(rest)) is not None:  # run by the control plane
-            return await imports_api.handle(request, subject, route, target, self.db, self.session)
-        body = await self._body(request)
+            return await imports_api.handle(Request(scope, receive), subject, route, target, self.db, self.session)
+        body = await self._read_body(receive, content_length)
         # The engine names the public path (not its own) as the `instance` of the problems it answers.
-        headers = {"authorization": f"Bearer {route.token}", "x-vecta-public-prefix": f"/v1/clusters/{route.id}"}
+        headers = [(b"x-vecta-public-prefix", f"/v1/clusters/{route.id}".encode())]
         if body:
-            headers["content-type"] = request.headers.get("content-type", "application/json")
-        query = request.url.query
+            headers.append((b"content-type", content_type or b"application/json"))
+        path = rest if _PLAIN_PATH.match(rest) else quote(rest, safe="/:@!$&'()*+,;=")
+        query: bytes = scope.get("query_string", b"")
+        engine_target = f"/v1/collections{path}".encode() + (b"?" + query if query else b"")
         member = self._reader(route) if retry_ok and route.readers else route.engine_url
         for attempt in (0, 1):
-            assert route is not None
-            url = f"{member}/v1/collections{rest}" + (f"?{query}" if query else "")
-            headers["authorization"] = f"Bearer {route.token}"
+            assert route is not None and member is not None
+            auth = [(b"authorization", f"Bearer {route.token}".encode())]
             try:
-                resp = await self.session.request(request.method, URL(url, encoded=True), data=body, headers=headers)
+                resp = await self.engine.request(method, member, engine_target, auth + headers, body)
                 if resp.status == 503 and member != route.engine_url and attempt == 0:
-                    resp.release()  # a read replica not (yet) in sync: skip it for a while, read from the primary
+                    resp.close()  # a read replica not (yet) in sync: skip it for a while, read from the primary
                     member = self._replica_failed(member, route)
                     continue
-                break
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                return resp
+            except EngineUnreachable as exc:
                 if member != route.engine_url and attempt == 0:  # a read replica failed: reads are idempotent
                     member = self._replica_failed(member, route)
                     continue
                 # The cached route may be stale (the cluster was suspended, or its engine restarted elsewhere):
                 # look again; a connection that was never made is safe to retry even for a write.
                 self.invalidate(route.id)
-                never_sent = isinstance(exc, aiohttp.ClientConnectorError)
                 if attempt == 0:
                     fresh = await self.resolve(route.id)
                     if fresh is None:
                         raise NotFound(f"cluster {cluster_id} not found", code="cluster_not_found") from exc
                     await self._require_running(fresh)
-                    if retry_ok or never_sent:
+                    if retry_ok or exc.never_sent:
                         route = fresh
                         member = route.engine_url
                         continue
@@ -225,33 +338,7 @@ class Edge:
                 raise ServiceUnavailable(
                     f"cluster {route.id}'s engine did not answer in time", retry_after=2, code="engine_timeout"
                 ) from exc
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() in _HOP_HEADERS}
-        # Small answers (nearly all) are relayed in one piece: streaming them costs a task group and a generator
-        # per request for nothing. Past _BUFFER_LIMIT what was read is sent and the rest streamed.
-        head: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in resp.content.iter_any():
-                head.append(chunk)
-                size += len(chunk)
-                if size > _BUFFER_LIMIT:
-                    break
-            else:
-                resp.release()
-                return Response(b"".join(head), status_code=resp.status, headers=out_headers)
-        except BaseException:
-            resp.close()
-            raise
-
-        async def relay() -> AsyncIterator[bytes]:
-            for chunk in head:
-                yield chunk
-            async for chunk in resp.content.iter_any():
-                yield chunk
-
-        return StreamingResponse(
-            relay(), status_code=resp.status, headers=out_headers, background=BackgroundTask(resp.release)
-        )
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _reader(self, route: ClusterRoute) -> str | None:
         """Round-robin over the primary and its read replicas, skipping members that failed a read lately."""
@@ -301,52 +388,87 @@ class Edge:
             return READ_ACTIONS[action], True
         return WRITE_ACTIONS.get(action, "data:write"), False
 
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
+    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
+        body = b""
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
+                if not body and not chunks:
+                    body = chunk
+                else:
+                    if body:
+                        chunks.append(body)
+                        body = b""
+                    chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks) if chunks else body
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+def _instance(scope: Scope) -> str:
+    """The problem ``instance``: the request path, as ``request.url.path`` gives it."""
+    return str(scope["path"]).replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+
+
+def _header_bytes(value: str | None) -> bytes | None:
+    return None if value is None else value.encode("latin-1")
+
+
+async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 DATAPLANE_PREFIX = "/v1/clusters/{cluster_id}/collections"
 
 
 _DATAPLANE_PATH = re.compile(r"^/v1/clusters/([^/]+)/collections(/.*)?$")
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9/._~-]*$")  # forwarded as is; anything else is percent-encoded again
+_METHODS = frozenset({"GET", "POST", "DELETE"})
 
 
-class EdgeDispatchMiddleware:
-    """Sends data-plane requests straight to the edge, past the FastAPI router and its per-route machinery (the
-    hot path); everything else, and data-plane paths with other methods (405), goes on to the app."""
+def dataplane_match(scope: Scope) -> tuple[str, str] | None:
+    """(cluster id, rest of the path) when ``scope`` is a data-plane request the edge serves; else None (other
+    paths, and data-plane paths with other methods: the router answers those, 405)."""
+    if scope["method"] not in _METHODS:
+        return None
+    path: str = scope["path"]
+    if not path.startswith("/v1/clusters/"):
+        return None
+    match = _DATAPLANE_PATH.match(path)
+    if match is None:
+        return None
+    return match.group(1), match.group(2) or ""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+
+class _EdgeEndpoint:
+    """The data-plane routes' ASGI endpoint (reached only when a request was not dispatched earlier)."""
+
+    def __init__(self, get_edge: Any) -> None:
+        self.get_edge = get_edge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "POST", "DELETE"):
-            match = _DATAPLANE_PATH.match(scope["path"])
-            if match is not None:
-                rest = match.group(2) or ""
-                scope["path_params"] = {"cluster_id": match.group(1), "rest": rest}
-                scope["vecta.route"] = DATAPLANE_PREFIX + ("{rest}" if rest else "")
-                edge: Edge = scope["app"].state.edge
-                response = await edge.handle(Request(scope, receive))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        params = scope.get("path_params", {})
+        edge: Edge = self.get_edge(Request(scope, receive))
+        await edge.dispatch(scope, receive, send, params["cluster_id"], params.get("rest", ""))
 
 
 def routes(get_edge: Any) -> list[Route]:
-    async def endpoint(request: Request) -> Response:
-        edge: Edge = get_edge(request)
-        return await edge.handle(request)
-
+    endpoint = _EdgeEndpoint(get_edge)
     return [
         Route(DATAPLANE_PREFIX, endpoint, methods=["GET", "POST"]),
         Route(DATAPLANE_PREFIX + "{rest:path}", endpoint, methods=["GET", "POST", "DELETE"]),

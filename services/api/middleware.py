@@ -3,10 +3,12 @@ template, and a cap on request body size."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,6 +23,39 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Request ids: 32 hex characters like a uuid4's, from a random per-process prefix and a counter (a uuid4 costs a
+# getrandom system call and an object per request; ids need to be unique, not secret).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def request_id_from(value: bytes | None) -> str:
+    """The client's ``X-Request-Id`` when it is well formed, else a new id."""
+    if value is not None:
+        candidate = value.decode("latin-1")
+        if _REQUEST_ID.match(candidate):
+            return candidate
+    return new_request_id()
+
+
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def observe(method: str, route: str, status: int, seconds: float) -> None:
+    """Record one request in the Prometheus metrics (the labelled children are cached: ``labels()`` takes a lock
+    and builds its key on every call)."""
+    key = (method, route, status)
+    pair = _children.get(key)
+    if pair is None:
+        if len(_children) > 10_000:
+            _children.clear()
+        pair = _children[key] = (LATENCY.labels(method, route), REQUESTS.labels(method, route, str(status)))
+    pair[0].observe(seconds)
+    pair[1].inc()
 
 
 class RequestContextMiddleware:
@@ -31,16 +66,14 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = ""
+        rid = None
         user_agent = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _REQUEST_ID.match(candidate):
-                    request_id = candidate
+                rid = value
             elif name == b"user-agent":
                 user_agent = value.decode("latin-1")[:300]
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id_from(rid)
         client = scope.get("client")
         ctx = RequestContext(request_id=request_id, ip=client[0] if client else None, user_agent=user_agent)
         token = set_request(ctx)
@@ -59,9 +92,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             reset_request(token)
-            route = route_template(scope) or "<unmatched>"
-            LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
-            REQUESTS.labels(scope["method"], route, str(status)).inc()
+            observe(scope["method"], route_template(scope) or "<unmatched>", status, time.perf_counter() - started)
 
 
 def route_template(scope: Scope) -> str | None:
