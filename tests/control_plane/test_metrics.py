@@ -198,6 +198,8 @@ async def test_metrics_give_qps_and_latency_and_survive_an_engine_restart(
     assert point["vectors"] >= 50 and point["storage_bytes"] > 0
 
     # -- the engine dies: the reconciler starts it again, its counters start from zero
+    reads_before = (await _samples(app, cid))[-1].read_units
+    assert reads_before >= n
     row = await cluster_row(app, cid)
     old_pid = row.engine_state["pid"]
     old_boot = (await _engine_stats(app, cid))["requests"]["boot_id"]
@@ -215,6 +217,10 @@ async def test_metrics_give_qps_and_latency_and_survive_an_engine_restart(
     samples = await _samples(app, cid)
     totals = [s.requests for s in samples]
     assert totals == sorted(totals), totals  # the running total never goes down
+    # billing's read units are running totals too: the restarted engine counts from zero, the series does not
+    reads = [s.read_units for s in samples]
+    assert reads == sorted(reads), reads
+    assert reads[-1] >= reads_before + 5, (reads_before, reads)
     m = (await client.get(dp_metrics(cid, after_restart), headers=h)).json()
     assert [p["requests"] for p in m["points"]] == [5]
     assert m["points"][0]["qps"] > 0 and m["points"][0]["latency_p50_ms"] is not None

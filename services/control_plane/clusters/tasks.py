@@ -466,25 +466,33 @@ def record_sample(s: Session, c: Cluster, stats: dict[str, Any], at: dt.datetime
     """A metrics row for this heartbeat. ``requests`` is a running total kept by the control plane (the previous
     row's plus this interval's), so it never goes down when an engine restarts and QPS is never negative."""
     state = dict(c.engine_state or {})
-    interval = interval_since(state.get(METRICS_CURSOR), stats.get("requests"))
+    cursor = state.get(METRICS_CURSOR)
+    interval = interval_since(cursor, stats.get("requests"))
     if interval is None:
         return
-    last = s.scalars(
-        select(ClusterMetric.requests)
+    last = s.execute(
+        select(ClusterMetric.requests, ClusterMetric.read_units, ClusterMetric.write_units)
         .where(ClusterMetric.cluster_id == c.id)
         .order_by(ClusterMetric.at.desc())
         .limit(1)
     ).first()
+    # Read and write units (what billing meters) are per engine process too: running totals like ``requests``,
+    # from the units reported since the cursor under the same boot_id (everything reported, after a restart).
+    units = (int(stats.get("read_units", 0)), int(stats.get("write_units", 0)))
+    before = (0, 0)
+    if interval.cursor and isinstance(cursor, dict) and cursor.get("boot_id") == interval.cursor["boot_id"]:
+        before = (int(cursor.get("read_units", 0)), int(cursor.get("write_units", 0)))
+    d_read, d_write = max(0, units[0] - before[0]), max(0, units[1] - before[1])
     if interval.cursor:
-        state[METRICS_CURSOR] = interval.cursor
+        state[METRICS_CURSOR] = {**interval.cursor, "read_units": units[0], "write_units": units[1]}
         c.engine_state = state
     s.add(
         ClusterMetric(
             cluster_id=c.id,
             at=at,
-            requests=int(last or 0) + interval.requests,
-            read_units=int(stats.get("read_units", 0)),
-            write_units=int(stats.get("write_units", 0)),
+            requests=int(last[0] if last else 0) + interval.requests,
+            read_units=int(last[1] if last else 0) + d_read,
+            write_units=int(last[2] if last else 0) + d_write,
             latency_p50_ms=interval.latency_p50_ms,
             latency_p99_ms=interval.latency_p99_ms,
             vector_count=c.vector_count,
