@@ -428,7 +428,8 @@ def _header_bytes(value: str | None) -> bytes | None:
 
 
 async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    headers.append((b"content-length", str(len(body)).encode()))
+    if status >= 200 and status not in (204, 304):  # those never carry a body nor its length
+        headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

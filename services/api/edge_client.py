@@ -87,8 +87,8 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.size = 0
-        self.got_bytes = False
         self.complete = False
+        self.keep_alive = False
         self.streaming = False
         self.chunks: deque[bytes] = deque()
         self.chunk_waiter: asyncio.Future[None] | None = None
@@ -100,7 +100,6 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
         if self.waiter is None and not self.streaming:  # nothing asked: an engine must not answer unasked
             self.abort()
             return
@@ -153,6 +152,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()  # asked now: llhttp resets once the callback returns
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -170,7 +170,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes, timeout: float) -> asyncio.Future[EngineResponse]:
         assert self.transport is not None
         self.status, self.headers, self.body, self.size = 0, [], [], 0
-        self.got_bytes = self.complete = self.streaming = self.paused = False
+        self.complete = self.keep_alive = self.streaming = self.paused = False
         self.error = None
         self.chunks.clear()
         waiter = self.waiter = self.loop.create_future()
@@ -200,7 +200,7 @@ class _Connection(asyncio.Protocol):
     def _release(self) -> None:
         if self.closed:
             return
-        if not self.parser.should_keep_alive():
+        if not self.keep_alive:
             self.abort()
             return
         self.pool.release(self)

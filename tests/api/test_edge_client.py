@@ -1,0 +1,225 @@
+"""The edge's HTTP/1.1 client (services/api/edge_client.py) against a real HTTP peer on loopback that can also
+misbehave: keep-alive reuse, answers relayed whole or streamed, chunked bodies, ``Connection: close``, refused
+connections, engines that drop the connection mid-answer or never answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import pytest_asyncio
+
+from services.api.edge_client import EngineClient, EngineUnreachable
+
+Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[bool]]  # (method, target, writer) -> keep open
+
+
+class Peer:
+    """A loopback HTTP/1.1 server whose answers the test decides; counts connections and requests."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[tuple[bytes, bytes, dict[bytes, bytes], bytes]] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line, *lines = head[:-4].split(b"\r\n")
+                method, target, _ = line.split(b" ")
+                headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(b":") for x in lines)}
+                body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+                self.requests.append((method, target, headers, body))
+                if not await self.handler(method, target, writer):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest_asyncio.fixture
+async def peer_factory() -> AsyncIterator[Callable[[Handler], Awaitable[Peer]]]:
+    peers: list[Peer] = []
+
+    async def start(handler: Handler) -> Peer:
+        peer = Peer(handler)
+        peer.server = await asyncio.start_server(peer._serve, "127.0.0.1", 0)
+        peers.append(peer)
+        return peer
+
+    yield start
+    for p in peers:
+        assert p.server is not None
+        p.server.close()
+
+
+def answer(status: int, body: bytes, *extra: bytes) -> bytes:
+    head = [b"HTTP/1.1 %d X" % status, b"content-type: application/json", b"content-length: %d" % len(body), *extra]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+HEADERS = [(b"authorization", b"Bearer engine-token"), (b"content-type", b"application/json")]
+
+
+async def test_small_answers_whole_over_one_kept_alive_connection(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer(200, b'{"target":"%s"}' % target, b"retry-after: 3", b"x-private: no"))
+        return True
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=5)
+    try:
+        for i in range(3):
+            r = await client.request("POST", peer.url, b"/v1/collections/c/search?x=%d" % i, HEADERS, b'{"k":1}')
+            assert r.status == 200
+            assert r.body == b'{"target":"/v1/collections/c/search?x=%d"}' % i
+            assert r.headers == [(b"content-type", b"application/json"), (b"retry-after", b"3")]  # relayed only
+        assert peer.connections == 1
+        method, target, headers, body = peer.requests[0]
+        assert (method, target, body) == (b"POST", b"/v1/collections/c/search?x=0", b'{"k":1}')
+        assert headers[b"authorization"] == b"Bearer engine-token"
+        assert headers[b"host"] == peer.url.removeprefix("http://").encode()
+        assert headers[b"content-length"] == b"7"
+    finally:
+        await client.close()
+
+
+async def test_large_chunked_answers_are_streamed_then_the_connection_is_reused(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    piece = b"x" * 65536
+    pieces = 50  # 3.2 MiB, past the 1 MiB buffer limit
+
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        if target.endswith(b"/small"):
+            w.write(answer(200, b"{}"))
+            return True
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(pieces):
+            w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await w.drain()
+        w.write(b"0\r\n\r\n")
+        return True
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=5)
+    try:
+        r = await client.request("POST", peer.url, b"/big", HEADERS, b"{}")
+        assert r.status == 200 and r.body is None
+        got = b"".join([chunk async for chunk in r.stream()])
+        assert got == piece * pieces
+        r = await client.request("GET", peer.url, b"/small", HEADERS, b"")
+        assert r.body == b"{}"
+        assert peer.connections == 1
+        # a streamed answer abandoned half-way closes its connection instead of returning it to the pool
+        r = await client.request("POST", peer.url, b"/big", HEADERS, b"{}")
+        stream = r.stream()
+        await stream.__anext__()
+        await stream.aclose()
+        assert (await client.request("GET", peer.url, b"/small", HEADERS, b"")).body == b"{}"
+        assert peer.connections == 2
+    finally:
+        await client.close()
+
+
+async def test_connection_close_is_not_reused(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer(404, b'{"status":404}', b"connection: close"))
+        return False
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=5)
+    try:
+        for _ in range(2):
+            r = await client.request("GET", peer.url, b"/v1/collections/nope", HEADERS, b"")
+            assert (r.status, r.body) == (404, b'{"status":404}')
+        assert peer.connections == 2
+    finally:
+        await client.close()
+
+
+async def test_refused_connection_was_never_sent() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    client = EngineClient(timeout=5)
+    try:
+        with pytest.raises(EngineUnreachable) as info:
+            await client.request("POST", f"http://127.0.0.1:{port}", b"/x", HEADERS, b"{}")
+        assert info.value.never_sent
+    finally:
+        await client.close()
+
+
+async def test_dropped_mid_answer_may_have_been_sent(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial')
+        await w.drain()
+        return False
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=5)
+    try:
+        with pytest.raises(EngineUnreachable) as info:
+            await client.request("POST", peer.url, b"/x", HEADERS, b"{}")
+        assert not info.value.never_sent
+    finally:
+        await client.close()
+
+
+async def test_malformed_answer_is_an_error(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"NOT HTTP AT ALL\r\n\r\n")
+        return True
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=5)
+    try:
+        with pytest.raises(EngineUnreachable):
+            await client.request("GET", peer.url, b"/x", HEADERS, b"")
+    finally:
+        await client.close()
+
+
+async def test_no_answer_times_out_and_the_connection_is_dropped(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        if target == b"/slow":
+            await asyncio.sleep(30)
+        w.write(answer(200, b"{}"))
+        return True
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=0.3)
+    try:
+        with pytest.raises(TimeoutError):
+            await client.request("POST", peer.url, b"/slow", HEADERS, b"{}")
+        assert (await client.request("GET", peer.url, b"/fast", HEADERS, b"")).body == b"{}"
+        assert peer.connections == 2  # the timed-out connection was not reused
+    finally:
+        await client.close()
+
+
+async def test_large_bodies_and_encoded_targets_go_as_given(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer(200, b"{}"))
+        return True
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=5)
+    body = b"[" + b"1," * 100_000 + b"1]"  # past the size up to which head and body are joined
+    try:
+        for _ in range(2):
+            await client.request("POST", peer.url, b"/v1/collections/a%20b/upsert", HEADERS, body)
+        assert [(t, len(b)) for _, t, _, b in peer.requests] == [(b"/v1/collections/a%20b/upsert", len(body))] * 2
+        assert peer.requests[0][3] == body and peer.connections == 1
+    finally:
+        await client.close()
