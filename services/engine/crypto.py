@@ -133,6 +133,8 @@ class DataCipher:
             if total > (1 << 40):
                 raise CorruptionError(f"{path.name}: implausible length")
             out = np.empty(total, dtype=np.uint8)
+            dest = out.data
+            ct_buf = memoryview(bytearray(CHUNK + 16))  # one buffer for every chunk's ciphertext
             pos = 0
             i = 0
             while True:
@@ -142,20 +144,21 @@ class DataCipher:
                 (clen,) = _LEN.unpack(raw_len)
                 if clen < 16 or clen > CHUNK + 16:
                     raise CorruptionError(f"{path.name}: bad chunk length")
-                ct = fh.read(clen)
-                if len(ct) != clen:
+                ct = ct_buf[:clen]
+                if fh.readinto(ct) != clen:
                     raise CorruptionError(f"{path.name}: truncated chunk")
                 nonce = prefix + struct.pack("<I", i)
                 plain_len = clen - 16
+                if pos + plain_len > total:
+                    raise CorruptionError(f"{path.name}: longer than its header says")
                 final = pos + plain_len == total
-                try:
-                    pt = self._aead.decrypt(nonce, ct, self._chunk_aad(aad, header, i, final))
+                try:  # straight into the result: no plaintext chunk to allocate and copy (restore, open)
+                    self._aead.decrypt_into(
+                        nonce, ct, self._chunk_aad(aad, header, i, final), dest[pos : pos + plain_len]
+                    )
                 except InvalidTag as exc:
                     raise CorruptionError(f"{path.name}: authentication failed (tampered or wrong key)") from exc
-                if pos + len(pt) > total:
-                    raise CorruptionError(f"{path.name}: longer than its header says")
-                out[pos : pos + len(pt)] = np.frombuffer(pt, dtype=np.uint8)
-                pos += len(pt)
+                pos += plain_len
                 i += 1
                 if final:
                     break

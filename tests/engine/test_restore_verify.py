@@ -50,3 +50,33 @@ def test_a_damaged_snapshot_file_fails_the_restore_and_leaves_nothing_behind(mak
     assert sorted(done["collections"]) == ["alpha", "beta"] and done["vector_count"] == 40
     ra, rb = dst.get("alpha"), dst.get("beta")
     assert [search_ids(ra, {"vector": X[25].tolist(), "top_k": 3}), ra.live_count(), rb.live_count()] == expected
+
+
+def test_chunked_files_decrypt_in_place_and_every_damage_is_refused(tmp_path: Path) -> None:
+    """read_file decrypts each chunk straight into the result (restore and open read every segment this way)."""
+    import os
+
+    from services.engine.crypto import CHUNK, CorruptionError, DataCipher
+
+    cipher = DataCipher(os.urandom(32))
+    data = os.urandom(2 * CHUNK + 12345)  # three chunks, the last one short
+    path = tmp_path / "f.enc"
+    cipher.write_file(path, [data[:1000], data[1000:]], b"aad")
+    assert cipher.read_file(path, b"aad").tobytes() == data
+    good = path.read_bytes()
+    damaged = {
+        "truncated": good[:-1],
+        "cut after a chunk": good[: len(good) - (12345 + 16 + 4)],
+        "trailing bytes": good + b"\0",
+        "flipped": good[:100] + bytes([good[100] ^ 1]) + good[101:],
+    }
+    for what, blob in damaged.items():
+        path.write_bytes(blob)
+        try:
+            cipher.read_file(path, b"aad")
+        except CorruptionError:
+            continue
+        raise AssertionError(f"{what}: read without an error")
+    path.write_bytes(good)
+    with pytest.raises(CorruptionError):
+        cipher.read_file(path, b"other aad")
