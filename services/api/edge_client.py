@@ -254,7 +254,30 @@ class _HostPool:
         default = 443 if scheme == "https" else 80
         self.host_header = (host if port == default else f"{host}:{port}").encode("idna")
         self.idle: list[_Connection] = []
-        self.slots = asyncio.Semaphore(client.limit_per_host)
+        self.in_flight = 0  # requests sent and not yet answered (at most client.limit_per_host)
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def wait_for_slot(self) -> None:
+        while self.in_flight >= self.client.limit_per_host:
+            waiter = self.loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # woken, then cancelled: pass the turn on
+                    self._wake_next()
+                raise
+
+    def slot_freed(self) -> None:
+        self.in_flight -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():  # a cancelled waiter gave its turn up
+                waiter.set_result(None)
+                break
 
     async def acquire(self) -> _Connection:
         """An idle connection (the most recently used) or a new one, for one request."""
@@ -327,13 +350,20 @@ class EngineClient:
             head += (name, b": ", value, b"\r\n")
         head += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n")
         raw_head = b"".join(head)
-        async with pool.slots:  # bounds the requests in flight per engine (a streamed body is not counted)
+        # At most limit_per_host requests in flight per engine (the rest wait; a streamed body is not counted).
+        # A counter rather than an asyncio.Semaphore: nothing to await unless the limit is reached.
+        if pool.in_flight >= self.limit_per_host:
+            await pool.wait_for_slot()
+        pool.in_flight += 1
+        try:
             conn = await pool.acquire()
             try:
                 return await conn.send(raw_head, body, self.timeout)
             except BaseException:
                 conn.abort()  # failed, timed out or cancelled: the connection's state is unknown
                 raise
+        finally:
+            pool.slot_freed()
 
     async def close(self) -> None:
         for pool in self._pools.values():

@@ -223,3 +223,29 @@ async def test_large_bodies_and_encoded_targets_go_as_given(peer_factory) -> Non
         assert peer.requests[0][3] == body and peer.connections == 1
     finally:
         await client.close()
+
+
+async def test_requests_in_flight_per_engine_are_bounded(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    release = asyncio.Event()
+
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        w.write(answer(200, target))
+        return True
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=10, limit_per_host=2)
+    try:
+        tasks = [asyncio.create_task(client.request("GET", peer.url, b"/%d" % i, HEADERS, b"")) for i in range(6)]
+        while len(peer.requests) < 2:
+            await asyncio.sleep(0.01)
+        tasks[2].cancel()  # a waiting request given up does not hold a turn
+        await asyncio.sleep(0.05)
+        assert len(peer.requests) == 2  # the others wait for a free slot
+        release.set()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[2], asyncio.CancelledError)
+        assert sorted(r.body for r in done if not isinstance(r, BaseException)) == [b"/0", b"/1", b"/3", b"/4", b"/5"]
+        assert peer.connections == 2
+    finally:
+        await client.close()
