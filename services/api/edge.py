@@ -388,7 +388,9 @@ class Edge:
             return READ_ACTIONS[action], True
         return WRITE_ACTIONS.get(action, "data:write"), False
 
-    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
+    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes | list[bytes]:
+        """The request body: bytes when it came in one piece (nearly always), else the list of its pieces (a
+        large upsert arrives in dozens; the engine client writes them as they are, without joining them)."""
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
         body = b""
@@ -411,7 +413,7 @@ class Edge:
                         body = b""
                     chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks) if chunks else body
+                return chunks or body
 
 
 class _ClientGone(Exception):

@@ -167,7 +167,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(response)
 
     # -- the request -------------------------------------------------------------------------------------
-    def send(self, head: bytes, body: bytes, timeout: float) -> asyncio.Future[EngineResponse]:
+    def send(self, head: bytes, body: bytes | list[bytes], timeout: float) -> asyncio.Future[EngineResponse]:
         assert self.transport is not None
         self.status, self.headers, self.body, self.size = 0, [], [], 0
         self.complete = self.keep_alive = self.streaming = self.paused = False
@@ -175,7 +175,9 @@ class _Connection(asyncio.Protocol):
         self.chunks.clear()
         waiter = self.waiter = self.loop.create_future()
         self.timer = self.loop.call_later(timeout, self._timed_out)
-        if len(body) <= _JOIN_LIMIT:
+        if isinstance(body, list):  # a large body as it was received: written without joining it first
+            self.transport.writelines([head, *body])
+        elif len(body) <= _JOIN_LIMIT:
             self.transport.write(head + body)
         else:
             self.transport.writelines((head, body))
@@ -340,15 +342,22 @@ class EngineClient:
         return pool
 
     async def request(
-        self, method: str, base_url: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+        self,
+        method: str,
+        base_url: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | list[bytes],
     ) -> EngineResponse:
         """Send ``method target`` (path and query, already encoded) with ``headers`` and ``body`` to the engine at
-        ``base_url`` (``http://host:port``) and wait for its answer (see ``EngineResponse``)."""
+        ``base_url`` (``http://host:port``) and wait for its answer (see ``EngineResponse``). A large ``body`` may
+        be given as the list of pieces it arrived in."""
         pool = self._pool(base_url)
         head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", pool.host_header, b"\r\n"]
         for name, value in headers:
             head += (name, b": ", value, b"\r\n")
-        head += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n")
+        size = len(body) if isinstance(body, bytes) else sum(map(len, body))
+        head += (b"content-length: ", str(size).encode(), b"\r\n\r\n")
         raw_head = b"".join(head)
         # At most limit_per_host requests in flight per engine (the rest wait; a streamed body is not counted).
         # A counter rather than an asyncio.Semaphore: nothing to await unless the limit is reached.
