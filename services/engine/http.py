@@ -73,7 +73,7 @@ class _Request:
 class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.loop = server.loop
+        self.loop = asyncio.get_running_loop()  # connections are made by the serving loop
         self.app = server.app
         self.max_body = server.max_body
         self.transport: asyncio.Transport | None = None
@@ -315,7 +315,7 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self._stop = asyncio.Event()
-        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop_policy().get_event_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by serve()
 
     def stop(self) -> None:
         self.stopping = True

@@ -467,12 +467,26 @@ class EngineApp:
                         if not f.done():
                             f.set_result(r[0])
                     continue
-                q = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
-                self._in_pool += 1
+                # One faiss call per free search thread: HNSW gains nothing from batching within one thread, so
+                # a batch on one thread would leave the other cores idle while its clients wait.
+                parts = max(1, min(len(items), self.cores - self._in_pool))
+                bounds = [len(items) * i // parts for i in range(parts + 1)]
+                self._in_pool += parts
                 try:
-                    await _run_shared(loop, self.search_pool, fn, {**p, "q": q, "multi": True}, [f for _, f in items])
+                    await asyncio.gather(
+                        *(
+                            _run_shared(
+                                loop,
+                                self.search_pool,
+                                fn,
+                                {**p, "q": _stack(items[a:b]), "multi": True},
+                                [f for _, f in items[a:b]],
+                            )
+                            for a, b in itertools.pairwise(bounds)
+                        )
+                    )
                 finally:
-                    self._in_pool -= 1
+                    self._in_pool -= parts
         finally:
             n = self._batch_runners.get(key, 1) - 1
             if n > 0:
@@ -546,6 +560,10 @@ def _search_wide(fn: Callable[[Any], Any], p: Any, threads: int) -> Any:
 
 
 __all__ = ["BadRequest", "EngineApp"]
+
+
+def _stack(items: list[tuple[np.ndarray, Any]]) -> np.ndarray:
+    return items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
 
 
 async def _run_shared(
