@@ -106,6 +106,7 @@ def raw_single(index, ds: Dataset, threads: int, secs: float, label: str, params
 
     def make():
         def w(i: int):
+            faiss.omp_set_num_threads(1)  # per thread: OpenMP's setting does not carry over to new threads
             _, ids = index.search(q[i : i + 1], 10, params=params)
             return ids[0]
 
@@ -123,6 +124,9 @@ def raw_batches(index, ds: Dataset, batch: int, omp: int, secs: float, label: st
 
     def make():
         def w(i: int):
+            # closed_loop calls this in a thread of its own, and OpenMP's thread count is per thread (a new
+            # thread starts from the default, all cores): set it here, or a "1 thread" baseline uses them all
+            faiss.omp_set_num_threads(omp)
             _, ids = index.search(q[i * batch : (i + 1) * batch], 10)
             return ids
 
