@@ -24,12 +24,11 @@ import aiohttp
 import anyio
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from services.api.edge_client import EngineClient, EngineResponse, EngineUnreachable
-from services.api.errors import problem_response
 from services.api.middleware import observe, request_id_from
 from services.auth.authenticate import Authenticator
 from services.auth.subject import AuthSubject
@@ -239,29 +238,6 @@ class Edge:
             reset_request(token)
             observe(scope["method"], template, status, time.perf_counter() - started)
 
-    async def handle(self, request: Request) -> Response:
-        """The edge as a Starlette endpoint (``routes()``): the same as ``dispatch``, for a Request."""
-        scope = request.scope
-        headers = request.headers
-        try:
-            answer = await self._serve(
-                scope,
-                request.receive,
-                request.path_params["cluster_id"],
-                request.path_params.get("rest", ""),
-                _header_bytes(headers.get("authorization")),
-                _header_bytes(headers.get("content-type")),
-                _header_bytes(headers.get("content-length")),
-            )
-        except VectaError as exc:
-            return problem_response(exc.problem(request.url.path), exc.headers)
-        if isinstance(answer, Response):
-            return answer
-        out_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer.headers}
-        if answer.body is not None:
-            return Response(answer.body, status_code=answer.status, headers=out_headers)
-        return StreamingResponse(answer.stream(), status_code=answer.status, headers=out_headers)
-
     async def _serve(
         self,
         scope: Scope,
@@ -425,10 +401,6 @@ def _instance(scope: Scope) -> str:
     return str(scope["path"]).replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
 
 
-def _header_bytes(value: str | None) -> bytes | None:
-    return None if value is None else value.encode("latin-1")
-
-
 async def _send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     if status >= 200 and status not in (204, 304):  # those never carry a body nor its length
         headers.append((b"content-length", str(len(body)).encode()))
@@ -465,6 +437,11 @@ class _EdgeEndpoint:
         self.get_edge = get_edge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in _METHODS:  # HEAD, which Starlette adds to GET routes: never forwarded
+            problem = problem_for_status(405, f"{scope['method']} is not allowed here", "method_not_allowed")
+            headers = [(b"content-type", PROBLEM_CONTENT_TYPE_B), (b"allow", b"GET, POST, DELETE")]
+            await _send_whole(send, 405, headers, b"" if scope["method"] == "HEAD" else orjson.dumps(problem))
+            return
         params = scope.get("path_params", {})
         edge: Edge = self.get_edge(Request(scope, receive))
         await edge.dispatch(scope, receive, send, params["cluster_id"], params.get("rest", ""))

@@ -85,3 +85,10 @@ async def test_large_answers_come_back_whole(client: httpx.AsyncClient, running:
     assert r.status_code == 200, r.text
     assert len(r.content) > 1 << 20  # past the size the edge relays in one piece
     assert sorted(x["id"] for x in r.json()["records"]) == sorted(x["id"] for x in recs)
+
+
+async def test_head_is_not_forwarded(client: httpx.AsyncClient, running: tuple[Tenant, str]) -> None:
+    owner, cid = running
+    for path in (dp(cid), dp(cid, "/docs")):
+        r = await client.head(path, headers=owner.headers)
+        assert r.status_code == 405, (path, r.status_code)
