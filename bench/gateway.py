@@ -123,6 +123,7 @@ def main() -> None:
     up = subprocess.Popen(
         [PY, "-m", "services.cli", "up", "--host", HOST, "--port", str(port), "--home", str(home)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # stop_process signals the process group: `vecta up`, its worker and engines
     )  # fmt: skip
     try:
         wait_http(HOST, port, "/healthz", None, proc=up)
