@@ -360,16 +360,7 @@ def _sha256_of(fh: Any, length: int) -> str:
 
 
 def _sha256_prefix(path: Path, length: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        remaining = length
-        while remaining > 0:
-            buf = fh.read(min(1 << 20, remaining))
-            if not buf:
-                break
-            h.update(buf)
-            remaining -= len(buf)
-    return h.hexdigest()
+    return _sha256_of(open(path, "rb"), length)  # _sha256_of closes it
 
 
 def _dir_size(path: Path) -> int:

@@ -248,22 +248,11 @@ class LocalProvisioner:
     def _strays(self, cluster_id: str) -> list[tuple[int, int | None]]:
         """Engine processes serving this cluster's data folder that no record names (pid, port): one whose
         starter was killed between fork and recording it. Found by their command line in /proc."""
-        data_dir = str(self.data_dir(cluster_id)).encode()
         found: list[tuple[int, int | None]] = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serve" not in argv or b"--data-dir" not in argv:
-                continue
-            i = argv.index(b"--data-dir")
-            if i + 1 < len(argv) and argv[i + 1] == data_dir and _pid_is_engine(int(entry.name), cluster_id):
+        for pid, argv in _serving(self.data_dir(cluster_id)):
+            if b"serve" in argv and _pid_is_engine(pid, cluster_id):
                 j = argv.index(b"--port") + 1 if b"--port" in argv else len(argv)
-                port = int(argv[j]) if j < len(argv) and argv[j].isdigit() else None
-                found.append((int(entry.name), port))
+                found.append((pid, int(argv[j]) if j < len(argv) and argv[j].isdigit() else None))
         return found
 
     def start(self, spec: EngineSpec, timeout: float = 60.0) -> EngineHandle:
@@ -480,20 +469,7 @@ class LocalProvisioner:
 
     def _replica_strays(self, cluster_id: str, index: int) -> list[int]:
         """Processes serving replica ``index``'s data folder (one whose starter died before recording it)."""
-        data_dir = str(self.replicas_root(cluster_id) / f"r{index}").encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"--data-dir" in argv and b"--replica-of" in argv:
-                i = argv.index(b"--data-dir")
-                if i + 1 < len(argv) and argv[i + 1] == data_dir:
-                    found.append(int(entry.name))
-        return found
+        return [pid for pid, argv in _serving(self.replicas_root(cluster_id) / f"r{index}") if b"--replica-of" in argv]
 
     def _stop_replicas(self, cluster_id: str, entries: list[Any], wipe: bool) -> None:
         """Stop the given replicas (and with ``wipe`` remove their data folders: scaled away)."""
@@ -509,6 +485,24 @@ class LocalProvisioner:
                     self._kill(stray)
                 if wipe:
                     shutil.rmtree(self.replicas_root(cluster_id) / f"r{index}", ignore_errors=True)
+
+
+def _serving(data_dir: Path) -> list[tuple[int, list[bytes]]]:
+    """(pid, argv) of the processes whose command line serves ``data_dir`` (``--data-dir`` it), found in /proc."""
+    want = str(data_dir).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--data-dir" in argv:
+            i = argv.index(b"--data-dir")
+            if i + 1 < len(argv) and argv[i + 1] == want:
+                found.append((int(entry.name), argv))
+    return found
 
 
 def _is_zombie(pid: int) -> bool:
