@@ -20,6 +20,7 @@ import logging
 import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -56,18 +57,14 @@ def _plain(status: int, detail: str) -> bytes:
     )
 
 
+@dataclass(slots=True)
 class _Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query")
-
-    def __init__(
-        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.body = body
-        self.keep_alive = keep_alive
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
 
 
 class _Connection(asyncio.Protocol):
