@@ -3,9 +3,10 @@
 Per request: authenticate the bearer (cached, see ``Authenticator``), resolve the cluster (cached ≤ 1 s: org,
 project, status, engine address, engine token), authorize the privilege the route needs on that cluster, apply
 the per-key and per-cluster rate limits, then forward the body untouched over a pooled HTTP client and stream the
-engine's answer (success or problem document) back as it is. Reads are retried once on a connection error; writes
-never are. A cluster that is not RUNNING answers 503 with Retry-After; a SUSPENDED serverless cluster is resumed by
-its first data-plane call.
+engine's answer (success or problem document) back as it is. A write whose body arrives in several pieces with a
+Content-Length (a large upsert) is streamed to the engine as it arrives; other bodies are read whole first. Reads
+are retried once on a connection error; writes never are (unless the connection was never made). A cluster that
+is not RUNNING answers 503 with Retry-After; a SUSPENDED serverless cluster is resumed by its first data-plane call.
 
 Raw Starlette routes rather than FastAPI endpoints keep the hot path free of dependency resolution and body
 parsing; their OpenAPI description is added by ``openapi_paths()``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from services.api.edge_client import EngineClient, EngineResponse, EngineUnreachable
+from services.api.edge_client import EngineClient, EngineResponse, EngineUnreachable, RequestBodyError
 from services.api.middleware import observe, request_id_from
 from services.auth.authenticate import Authenticator
 from services.auth.subject import AuthSubject
@@ -41,6 +43,7 @@ from services.core.celery_app import send
 from services.core.db import Database
 from services.core.errors import (
     PROBLEM_CONTENT_TYPE,
+    BadRequest,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -268,10 +271,29 @@ class Edge:
         await self._require_running(route)
         if "/imports" in rest and (target := imports_api.match(rest)) is not None:  # run by the control plane
             return await imports_api.handle(Request(scope, receive), subject, route, target, self.db, self.session)
-        body = await self._read_body(receive, content_length)
+        length = int(content_length) if content_length is not None and content_length.isdigit() else None
+        if length is not None and length > self.max_body:
+            raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGone
+        first: bytes = message.get("body", b"")
+        body: bytes | list[bytes] = first
+        stream: AsyncIterator[bytes] | None = None
+        if len(first) > self.max_body:
+            raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
+        if message.get("more_body", False):
+            if length is not None and not retry_ok:
+                # A write arriving in pieces with a known length (a large upsert): streamed to the engine as it
+                # comes, so the engine reads it while the client still sends it. Never retried once begun; the
+                # client writes exactly `length` bytes or closes the engine connection. Reads (retried, spread
+                # over replicas) and chunked bodies are read whole first.
+                stream = _body_pieces(first, receive)
+            else:
+                body = await self._read_body(receive, first)
         # The engine names the public path (not its own) as the `instance` of the problems it answers.
         headers = [(b"x-vecta-public-prefix", f"/v1/clusters/{route.id}".encode())]
-        if body:
+        if body or length:
             headers.append((b"content-type", content_type or b"application/json"))
         path = rest if _PLAIN_PATH.match(rest) else quote(rest, safe="/:@!$&'()*+,;=")
         query: bytes = scope.get("query_string", b"")
@@ -281,7 +303,13 @@ class Edge:
             assert route is not None and member is not None
             auth = [(b"authorization", f"Bearer {route.token}".encode())]
             try:
-                resp = await self.engine.request(method, member, engine_target, auth + headers, body)
+                if stream is None:
+                    resp = await self.engine.request(method, member, engine_target, auth + headers, body)
+                else:
+                    assert length is not None
+                    resp = await self.engine.request_streamed(
+                        method, member, engine_target, auth + headers, length, stream
+                    )
                 if resp.status == 503 and member != route.engine_url and attempt == 0:
                     resp.close()  # a read replica not (yet) in sync: skip it for a while, read from the primary
                     member = self._replica_failed(member, route)
@@ -307,6 +335,10 @@ class Edge:
                     f"cluster {route.id}'s engine is not reachable; retry shortly", retry_after=2,
                     code="engine_unavailable",
                 ) from exc  # fmt: skip
+            except RequestBodyError as exc:  # a streamed body: the engine connection it went to was closed
+                if exc.stalled:
+                    raise RequestTimeout(str(exc), code="request_body_timeout") from exc
+                raise BadRequest(str(exc), code="content_length_mismatch") from exc
             except TimeoutError as exc:
                 if member != route.engine_url and attempt == 0:
                     member = self._replica_failed(member, route)
@@ -364,14 +396,11 @@ class Edge:
             return READ_ACTIONS[action], True
         return WRITE_ACTIONS.get(action, "data:write"), False
 
-    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes | list[bytes]:
-        """The request body: bytes when it came in one piece (nearly always), else the list of its pieces (a
-        large upsert arrives in dozens; the engine client writes them as they are, without joining them)."""
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
-        body = b""
-        chunks: list[bytes] = []
-        size = 0
+    async def _read_body(self, receive: Receive, first: bytes) -> bytes | list[bytes]:
+        """The rest of a request body whose ``first`` piece came with more to follow: the list of its pieces (the
+        engine client writes them as they are, without joining them)."""
+        chunks = [first] if first else []
+        size = len(first)
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -381,19 +410,35 @@ class Edge:
                 size += len(chunk)
                 if size > self.max_body:
                     raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
-                if not body and not chunks:
-                    body = chunk
-                else:
-                    if body:
-                        chunks.append(body)
-                        body = b""
-                    chunks.append(chunk)
+                chunks.append(chunk)
             if not message.get("more_body", False):
-                return chunks or body
+                return chunks[0] if len(chunks) == 1 else chunks
+
+
+async def _body_pieces(first: bytes, receive: Receive) -> AsyncIterator[bytes]:
+    """A request body as it arrives: ``first``, then each piece ASGI ``receive`` gives (``_ClientGone`` if the
+    client disconnects first)."""
+    if first:
+        yield first
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 class _ClientGone(Exception):
     """The client disconnected before its request body was read."""
+
+
+class RequestTimeout(VectaError):
+    status = 408
+    title = "Request Timeout"
+    default_code = "request_timeout"
 
 
 def _instance(scope: Scope) -> str:

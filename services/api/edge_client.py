@@ -6,11 +6,15 @@ manager) cost ~220 µs of CPU in the API process against ~50 µs for a plain pro
 (bench/edge_cpu.py). The engine is our own server, the requests are ours: what is needed is small.
 
 What it does: one write per request (head and body joined; large bodies written as two buffers without a copy),
-the answer parsed in C, responses up to ``buffer_limit`` returned whole and larger ones streamed with
+or, for a large write (``request_streamed``), the head first and then the body piece by piece as the client sends
+it, with write back-pressure, so the engine receives an upsert while the client is still sending it; the answer
+parsed in C, responses up to ``buffer_limit`` returned whole and larger ones streamed with
 back-pressure, idle connections kept per engine (``max_idle_per_host``, dropped after ``idle_seconds``, below the
 engine's 30 s keep-alive) and at most ``limit_per_host`` connections in use per engine, a connect timeout and a
 total timeout per request. Errors: ``EngineUnreachable`` (``never_sent`` when no byte of the request can have
-reached the engine, so even a write may be retried) and ``TimeoutError``.
+reached the engine, so even a write may be retried), ``TimeoutError`` and, for a streamed body,
+``RequestBodyError``. A connection whose request was not written completely (a streamed body that failed, or an
+engine that answered before reading all of it) is closed, never returned to the pool.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +39,15 @@ class EngineUnreachable(Exception):
     def __init__(self, message: str, *, never_sent: bool) -> None:
         super().__init__(message)
         self.never_sent = never_sent
+
+
+class RequestBodyError(Exception):
+    """A streamed request body did not arrive as declared: longer or shorter than its Content-Length, or no piece
+    of it for ``timeout`` seconds (``stalled``). The engine connection it was being written to was closed."""
+
+    def __init__(self, message: str, *, stalled: bool = False) -> None:
+        super().__init__(message)
+        self.stalled = stalled
 
 
 class EngineResponse:
@@ -94,6 +107,10 @@ class _Connection(asyncio.Protocol):
         self.chunk_waiter: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
         self.paused = False
+        # a streamed request body being written: the connection cannot be reused until it is written completely
+        self.writing = False
+        self.write_paused = False  # the transport's write buffer is above its high-water mark
+        self.drain_waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,14 +129,27 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        self._wake_writer()
         if not self.complete:
             self._fail(EngineUnreachable("the engine closed the connection", never_sent=False))
 
-    def pause_writing(self) -> None:  # large request bodies: the transport buffers them (bounded by the body limit)
-        pass
+    def pause_writing(self) -> None:  # a whole body is buffered by the transport (bounded by the body limit);
+        self.write_paused = True  # a streamed one waits in drain()
 
     def resume_writing(self) -> None:
-        pass
+        self.write_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        w, self.drain_waiter = self.drain_waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the transport takes more (or the connection is gone)."""
+        while self.write_paused and not self.closed:
+            self.drain_waiter = self.loop.create_future()
+            await self.drain_waiter
 
     # -- httptools callbacks -----------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -167,13 +197,31 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(response)
 
     # -- the request -------------------------------------------------------------------------------------
-    def send(self, head: bytes, body: bytes | list[bytes], timeout: float) -> asyncio.Future[EngineResponse]:
-        assert self.transport is not None
+    def _begin(self) -> asyncio.Future[EngineResponse]:
         self.status, self.headers, self.body, self.size = 0, [], [], 0
         self.complete = self.keep_alive = self.streaming = self.paused = False
         self.error = None
         self.chunks.clear()
         waiter = self.waiter = self.loop.create_future()
+        return waiter
+
+    def begin_streamed(self, head: bytes) -> asyncio.Future[EngineResponse]:
+        """Write the head of a request whose body follows in pieces (``write_body``); the answer timer starts
+        once the body is written (``body_written``)."""
+        assert self.transport is not None
+        waiter = self._begin()
+        self.writing = True
+        self.transport.write(head)
+        return waiter
+
+    def body_written(self, timeout: float) -> None:
+        self.writing = False
+        if self.waiter is not None and not self.closed:
+            self.timer = self.loop.call_later(timeout, self._timed_out)
+
+    def send(self, head: bytes, body: bytes | list[bytes], timeout: float) -> asyncio.Future[EngineResponse]:
+        assert self.transport is not None
+        waiter = self._begin()
         self.timer = self.loop.call_later(timeout, self._timed_out)
         if isinstance(body, list):  # a large body as it was received: written without joining it first
             self.transport.writelines([head, *body])
@@ -202,7 +250,7 @@ class _Connection(asyncio.Protocol):
     def _release(self) -> None:
         if self.closed:
             return
-        if not self.keep_alive:
+        if not self.keep_alive or self.writing:  # answered before its request was written whole: unusable
             self.abort()
             return
         self.pool.release(self)
@@ -216,6 +264,17 @@ class _Connection(asyncio.Protocol):
             self.pool.forget(self)
             if self.transport is not None:
                 self.transport.abort()
+        self._wake_writer()
+
+    def drop(self) -> None:
+        """Abort after a failed or abandoned request; an answer (or error) still pending is discarded."""
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            if not waiter.done():
+                waiter.cancel()
+            elif not waiter.cancelled():
+                waiter.exception()  # retrieved: not logged as never retrieved
+        self.abort()
 
     # -- streamed bodies ---------------------------------------------------------------------------------
     def _wake_reader(self) -> None:
@@ -353,12 +412,8 @@ class EngineClient:
         ``base_url`` (``http://host:port``) and wait for its answer (see ``EngineResponse``). A large ``body`` may
         be given as the list of pieces it arrived in."""
         pool = self._pool(base_url)
-        head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", pool.host_header, b"\r\n"]
-        for name, value in headers:
-            head += (name, b": ", value, b"\r\n")
         size = len(body) if isinstance(body, bytes) else sum(map(len, body))
-        head += (b"content-length: ", str(size).encode(), b"\r\n\r\n")
-        raw_head = b"".join(head)
+        raw_head = _head(method, target, pool.host_header, headers, size)
         # At most limit_per_host requests in flight per engine (the rest wait; a streamed body is not counted).
         # A counter rather than an asyncio.Semaphore: nothing to await unless the limit is reached.
         if pool.in_flight >= self.limit_per_host:
@@ -374,9 +429,93 @@ class EngineClient:
         finally:
             pool.slot_freed()
 
+    async def request_streamed(
+        self,
+        method: str,
+        base_url: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int,
+        body: AsyncIterable[bytes],
+    ) -> EngineResponse:
+        """Like ``request``, for a body of ``length`` bytes that is still arriving: the head is written once a
+        connection is had, then each piece of ``body`` as it comes, waiting while the transport's buffer is full.
+        ``body`` is not iterated before the head is written, so an ``EngineUnreachable`` with ``never_sent`` means
+        nothing of it was consumed. A body longer or shorter than ``length``, or with no progress (from ``body``
+        or from the engine reading it) for ``timeout`` seconds, or an error raised by ``body`` (the client left)
+        closes the connection and is raised (``RequestBodyError``, ``TimeoutError``, or the error itself).
+        The answer gets ``timeout`` seconds once the body is written; an engine that answers earlier is answered
+        with, and its connection closed."""
+        pool = self._pool(base_url)
+        raw_head = _head(method, target, pool.host_header, headers, length)
+        if pool.in_flight >= self.limit_per_host:
+            await pool.wait_for_slot()
+        pool.in_flight += 1
+        try:
+            conn = await pool.acquire()
+            try:
+                waiter = conn.begin_streamed(raw_head)
+                await self._write_body(conn, waiter, length, body)
+                conn.body_written(self.timeout)
+                return await waiter
+            except BaseException:
+                conn.drop()  # failed, timed out, cancelled, or the body went wrong: never reused
+                raise
+        finally:
+            pool.slot_freed()
+
+    async def _write_body(
+        self, conn: _Connection, waiter: asyncio.Future[EngineResponse], length: int, body: AsyncIterable[bytes]
+    ) -> None:
+        transport = conn.transport
+        assert transport is not None
+        loop = conn.loop
+        sent = 0
+        last = b""  # the piece that completes the body: held until the body is known to end there
+        from_client = True  # what a timeout was waiting for: the client's next piece, or the engine to read
+        try:
+            async with asyncio.timeout(self.timeout) as deadline:
+                async for chunk in body:
+                    if waiter.done() or conn.closed:  # answered or failed before the body was written: stop
+                        return
+                    if not chunk:
+                        continue
+                    sent += len(chunk)
+                    if sent > length:  # the engine has not got the whole declared body: it cannot act on it
+                        raise RequestBodyError(f"the request body is longer than its Content-Length ({length})")
+                    if sent == length:
+                        last = chunk
+                        continue
+                    transport.write(chunk)
+                    if conn.write_paused:
+                        from_client = False
+                        await conn.drain()
+                        from_client = True
+                        if waiter.done() or conn.closed:
+                            return
+                    deadline.reschedule(loop.time() + self.timeout)
+        except TimeoutError:
+            if from_client:
+                raise RequestBodyError("the request body stopped arriving", stalled=True) from None
+            raise
+        if waiter.done() or conn.closed:
+            return
+        if sent != length:
+            raise RequestBodyError(f"the request body is shorter than its Content-Length ({length})")
+        if last:
+            transport.write(last)
+
     async def close(self) -> None:
         for pool in self._pools.values():
             for conn in list(pool.idle):
                 conn.abort()
             pool.idle.clear()
         self._pools.clear()
+
+
+def _head(method: str, target: bytes, host: bytes, headers: list[tuple[bytes, bytes]], length: int) -> bytes:
+    head = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+    for name, value in headers:
+        head += (name, b": ", value, b"\r\n")
+    head += (b"content-length: ", str(length).encode(), b"\r\n\r\n")
+    return b"".join(head)

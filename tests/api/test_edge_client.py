@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import pytest_asyncio
 
-from services.api.edge_client import EngineClient, EngineUnreachable
+from services.api.edge_client import EngineClient, EngineUnreachable, RequestBodyError
 
 Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[bool]]  # (method, target, writer) -> keep open
 
@@ -250,3 +250,216 @@ async def test_requests_in_flight_per_engine_are_bounded(peer_factory) -> None: 
         assert peer.connections == 2
     finally:
         await client.close()
+
+
+# -- streamed request bodies (request_streamed) ------------------------------------------------------------------
+
+
+class ClientLeft(Exception):
+    """What the edge's body source raises when the client disconnects mid-body."""
+
+
+async def test_streamed_body_reaches_the_engine_while_it_is_still_arriving(peer_factory) -> None:  # type: ignore[no-untyped-def]
+    piece = b"y" * 65536
+    first_read = asyncio.Event()
+    got: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            first = await reader.readexactly(len(piece))
+            first_read.set()  # the engine has the first piece before the client sends the second
+            got.append(first + await reader.readexactly(length - len(piece)))
+            w.write(answer(200, b"{}"))
+
+    connections = 0
+
+    async def counted(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await serve(r, w)
+
+    server = await asyncio.start_server(counted, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = EngineClient(timeout=5)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield piece
+        await asyncio.wait_for(first_read.wait(), 10)  # would never come if the body were read whole first
+        for _ in range(3):
+            yield piece
+
+    try:
+        r = await client.request_streamed("POST", url, b"/v1/collections/c/upsert", HEADERS, 4 * len(piece), body())
+        assert (r.status, r.body) == (200, b"{}")
+        assert got == [piece * 4]
+        # the connection is reused once the body was written whole and answered
+        r = await client.request("POST", url, b"/v1/collections/c/upsert", HEADERS, piece)
+        assert r.status == 200 and connections == 1
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_streamed_body_waits_for_the_engine_to_read(peer_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from services.api import edge_client
+
+    conns: list[edge_client._Connection] = []
+    begin = edge_client._Connection.begin_streamed
+
+    def spy(self: edge_client._Connection, head: bytes) -> asyncio.Future[edge_client.EngineResponse]:
+        conns.append(self)
+        return begin(self, head)
+
+    monkeypatch.setattr(edge_client._Connection, "begin_streamed", spy)
+    drains = 0
+    drain = edge_client._Connection.drain
+
+    async def counted_drain(self: edge_client._Connection) -> None:
+        nonlocal drains
+        drains += 1
+        await drain(self)
+
+    monkeypatch.setattr(edge_client._Connection, "drain", counted_drain)
+    piece = b"z" * 65536
+    pieces = 400  # 25 MiB: more than the loopback socket buffers hold while the engine does not read
+    go = asyncio.Event()
+
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer(200, b"{}"))
+        return True
+
+    peer = await peer_factory(handler)
+    orig_serve = peer._serve
+
+    async def slow_start(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(go.wait(), 0.5)  # the engine reads nothing for a while
+        except TimeoutError:
+            pass
+        await orig_serve(reader, writer)
+
+    assert peer.server is not None
+    peer.server.close()
+    peer.server = await asyncio.start_server(slow_start, "127.0.0.1", 0)
+    buffered: list[int] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(pieces):
+            if conns and conns[0].transport is not None:
+                buffered.append(conns[0].transport.get_write_buffer_size())
+            yield piece
+        go.set()
+
+    client = EngineClient(timeout=10)
+    try:
+        r = await client.request_streamed("POST", peer.url, b"/up", HEADERS, pieces * len(piece), body())
+        assert r.status == 200
+        assert peer.requests[0][3] == piece * pieces
+        assert drains  # the engine's stall was felt: the body waited for the transport to drain
+        assert max(buffered) <= 2 * len(piece) + 65536  # never more than the high-water mark and a piece or two
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("case", ["client left", "longer", "shorter", "stalled"])
+async def test_failed_streamed_body_closes_the_connection(peer_factory, case: str) -> None:  # type: ignore[no-untyped-def]
+    async def handler(method: bytes, target: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(answer(200, b"{}"))
+        return True
+
+    peer = await peer_factory(handler)
+    client = EngineClient(timeout=0.3 if case == "stalled" else 5)
+    piece = b"p" * 1000
+
+    async def body() -> AsyncIterator[bytes]:
+        yield piece
+        await asyncio.sleep(0)
+        if case == "client left":
+            raise ClientLeft
+        if case == "stalled":
+            await asyncio.sleep(30)
+        yield piece
+        if case == "longer":
+            yield piece
+
+    try:
+        # a kept-alive connection first, so the failed request would reuse (and poison) it
+        assert (await client.request("POST", peer.url, b"/ok", HEADERS, b"{}")).status == 200
+        with pytest.raises(ClientLeft if case == "client left" else RequestBodyError) as info:
+            declared = 3000 if case == "shorter" else 2000
+            await client.request_streamed("POST", peer.url, b"/up", HEADERS, declared, body())
+        if case == "stalled":
+            assert isinstance(info.value, RequestBodyError) and info.value.stalled
+        # the half-written request was never completed on that connection, and it is not reused
+        assert (await client.request("POST", peer.url, b"/ok", HEADERS, b"{}")).status == 200
+        assert [t for _, t, _, _ in peer.requests] == [b"/ok", b"/ok"]
+        assert peer.connections == 2
+        assert not any(c for p in client._pools.values() for c in p.idle if c.closed)
+    finally:
+        await client.close()
+
+
+async def test_streamed_body_to_an_unreachable_engine_consumes_nothing() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    started = False
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal started
+        started = True
+        yield b"{}"
+
+    client = EngineClient(timeout=5)
+    try:
+        with pytest.raises(EngineUnreachable) as info:
+            await client.request_streamed("POST", f"http://127.0.0.1:{port}", b"/x", HEADERS, 2, body())
+        assert info.value.never_sent and not started  # safe to retry with the same body
+    finally:
+        await client.close()
+
+
+async def test_engine_answering_before_the_body_is_written_closes_the_connection(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from services.api import edge_client
+
+    conns: list[edge_client._Connection] = []
+    begin = edge_client._Connection.begin_streamed
+
+    def spy(self: edge_client._Connection, head: bytes) -> asyncio.Future[edge_client.EngineResponse]:
+        conns.append(self)
+        return begin(self, head)
+
+    monkeypatch.setattr(edge_client._Connection, "begin_streamed", spy)
+
+    async def serve(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        w.write(answer(413, b'{"status":413}'))  # answers without reading the body (as for a request it refuses)
+        await w.drain()
+        try:
+            await reader.read()  # then keeps the connection open until the client closes it
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = EngineClient(timeout=5)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        while not conns[0].complete:  # the answer has come in before the rest of the body
+            await asyncio.sleep(0.01)
+        yield b"a" * 1000
+
+    try:
+        r = await client.request_streamed("POST", url, b"/early", HEADERS, 2000, body())
+        assert (r.status, r.body) == (413, b'{"status":413}')
+        assert conns[0].closed and all(not p.idle for p in client._pools.values())  # not returned to the pool
+    finally:
+        await client.close()
+        server.close()
