@@ -103,7 +103,12 @@ class _Connection(asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
-        self._disarm_idle()
+        # the keep-alive timeout is an inactivity timeout: a request that stops arriving midway is closed after it
+        # too (a body that keeps arriving, however slowly, is not); none runs while a request is being served
+        if self.busy:
+            self._disarm_idle()
+        else:
+            self._arm_idle()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -171,6 +176,7 @@ class _Connection(asyncio.Protocol):
     # -- requests -----------------------------------------------------------------------------------------
     def _start(self, req: _Request) -> None:
         self.busy = True
+        self._disarm_idle()
         task = self.loop.create_task(self._run(req))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
