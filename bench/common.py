@@ -407,6 +407,28 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def start_vecta_up(prefix: str) -> tuple[subprocess.Popen, int, Path]:
+    """`vecta up` on a free loopback port with a fresh home and unlimited data-plane rates, in its own session
+    (stop_process signals the group: `vecta up`, its Celery worker and its engines). Returns (process, port, home)
+    once /healthz answers."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_")}
+    env.update(VECTA_LOG_LEVEL="WARNING", VECTA_DATAPLANE_RATE_PER_KEY="1e9", VECTA_DATAPLANE_RATE_PER_CLUSTER="1e9")
+    up = subprocess.Popen(
+        [PY, "-m", "services.cli", "up", "--host", "127.0.0.1", "--port", str(port), "--home", str(home)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_http("127.0.0.1", port, "/healthz", None, proc=up)
+    except BaseException:
+        stop_process(up)
+        raise
+    return up, port, home
+
+
 def new_engine_env() -> dict[str, str]:
     env = dict(os.environ)
     env["VECTA_ENGINE_TOKEN"] = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")

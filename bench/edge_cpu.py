@@ -24,7 +24,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PY, ROOT, RawHTTP, build_request, free_port, http_json, load_average, stop_process, wait_http
+from common import PY, RawHTTP, build_request, http_json, load_average, start_vecta_up, stop_process
 
 HOST = "127.0.0.1"
 INDEX = {"type": "hnsw", "params": {"M": 16, "ef_construction": 100}}
@@ -139,17 +138,8 @@ def main() -> None:
     ap.add_argument("--perf", type=Path, help="`perf record -g` output of the API during an extra API round")
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="vecta-bench-edgecpu-"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_")}
-    env.update(VECTA_LOG_LEVEL="WARNING", VECTA_DATAPLANE_RATE_PER_KEY="1e9", VECTA_DATAPLANE_RATE_PER_CLUSTER="1e9")
-    up = subprocess.Popen(
-        [PY, "-m", "services.cli", "up", "--host", HOST, "--port", str(port), "--home", str(home)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,  # stop_process signals the process group: `vecta up`, its worker and engines
-    )  # fmt: skip
+    up, port, home = start_vecta_up("vecta-bench-edgecpu-")
     try:
-        wait_http(HOST, port, "/healthz", None, proc=up)
         signup = call(port, "POST", "/v1/auth/signup", "", {"email": "cpu@example.com", "password": "benchmark pw 1",
                                                              "name": "B", "org_name": "Bench"})  # fmt: skip
         assert isinstance(signup, dict)

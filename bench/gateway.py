@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,19 +31,16 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     DATA,
-    PY,
-    ROOT,
     Report,
     alternate,
     build_request,
     closed_loop,
-    free_port,
     http_json,
     http_worker_factory,
     load_average,
     recall_at,
+    start_vecta_up,
     stop_process,
-    wait_http,
 )
 
 HOST = "127.0.0.1"
@@ -116,17 +112,8 @@ def main() -> None:
     base, queries, gt, source = dataset(args.n)
     report = Report(f"Gateway overhead and cluster lifecycle ({source}; load {load_average()})")
 
-    home = Path(tempfile.mkdtemp(prefix="vecta-bench-gw-"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_")}
-    env.update(VECTA_LOG_LEVEL="WARNING", VECTA_DATAPLANE_RATE_PER_KEY="1e9", VECTA_DATAPLANE_RATE_PER_CLUSTER="1e9")
-    up = subprocess.Popen(
-        [PY, "-m", "services.cli", "up", "--host", HOST, "--port", str(port), "--home", str(home)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,  # stop_process signals the process group: `vecta up`, its worker and engines
-    )  # fmt: skip
+    up, port, home = start_vecta_up("vecta-bench-gw-")
     try:
-        wait_http(HOST, port, "/healthz", None, proc=up)
         signup = call("POST", "/v1/auth/signup", "", {"email": "gw@example.com", "password": "benchmark password",
                                                         "name": "B", "org_name": "Bench"}, port=port)  # fmt: skip
         assert isinstance(signup, dict)

@@ -8,6 +8,7 @@ malformed requests (400), Connection: close, a failing app (500, connection clos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -64,27 +65,33 @@ class EchoApp:
         await send({"type": "http.response.body", "body": out})
 
 
-@pytest.fixture(scope="module")
-def front() -> Iterator[tuple[int, EchoApp, Server]]:
-    app = EchoApp()
-    srv = Server(app, "127.0.0.1", 0, max_body=MAX_BODY, keep_alive=5.0)
+@contextlib.contextmanager
+def _serving(app: EchoApp, **kw: Any) -> Iterator[tuple[int, Server]]:
+    """The front serving ``app`` on a free port in a thread of its own; stopped (and joined) on exit."""
+    srv = Server(app, "127.0.0.1", 0, max_body=MAX_BODY, **kw)
     ready = threading.Event()
     port: list[int] = []
 
     def run() -> None:
-        def on_ready(p: int) -> None:
-            port.append(p)
-            ready.set()
-
-        asyncio.run(srv.serve(on_ready))
+        asyncio.run(srv.serve(lambda p: (port.append(p), ready.set())))
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
     assert ready.wait(10)
-    yield port[0], app, srv
-    srv.loop.call_soon_threadsafe(srv.stop)
-    th.join(10)
-    assert not th.is_alive()
+    try:
+        yield port[0], srv
+    finally:
+        if srv.loop is not None and not srv.stopping:
+            srv.loop.call_soon_threadsafe(srv.stop)
+        th.join(10)
+        assert not th.is_alive()
+
+
+@pytest.fixture(scope="module")
+def front() -> Iterator[tuple[int, EchoApp, Server]]:
+    app = EchoApp()
+    with _serving(app, keep_alive=5.0) as (port, srv):
+        yield port, app, srv
     assert app.events == ["startup", "shutdown"]
 
 
@@ -216,29 +223,14 @@ def test_app_error_is_a_500_and_the_server_keeps_serving(front: tuple[int, EchoA
 
 
 def test_a_request_that_stops_arriving_is_closed_after_the_idle_timeout() -> None:
-    app = EchoApp()
-    srv = Server(app, "127.0.0.1", 0, max_body=MAX_BODY, keep_alive=0.3)
-    ready = threading.Event()
-    port: list[int] = []
-
-    def run() -> None:
-        asyncio.run(srv.serve(lambda p: (port.append(p), ready.set())))
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    assert ready.wait(10)
-    try:
-        with _conn(port[0]) as s:
-            s.sendall(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
-            for _ in range(3):  # still arriving: kept open past the timeout
-                time.sleep(0.15)
-                s.sendall(b"d")
-            started = time.monotonic()
-            assert _closed(s)  # then it stops: closed, with no answer
-            assert time.monotonic() - started < 4
-    finally:
-        srv.loop.call_soon_threadsafe(srv.stop)
-        th.join(10)
+    with _serving(EchoApp(), keep_alive=0.3) as (port, _), _conn(port) as s:
+        s.sendall(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        for _ in range(3):  # still arriving: kept open past the timeout
+            time.sleep(0.15)
+            s.sendall(b"d")
+        started = time.monotonic()
+        assert _closed(s)  # then it stops: closed, with no answer
+        assert time.monotonic() - started < 4
 
 
 def test_client_gone_mid_request_does_not_hurt_others(front: tuple[int, EchoApp, Server]) -> None:
@@ -254,23 +246,14 @@ def test_client_gone_mid_request_does_not_hurt_others(front: tuple[int, EchoApp,
 
 def test_graceful_shutdown_finishes_in_flight_requests() -> None:
     app = EchoApp()
-    srv = Server(app, "127.0.0.1", 0, max_body=MAX_BODY)
-    ready = threading.Event()
-    port: list[int] = []
-
-    def run() -> None:
-        asyncio.run(srv.serve(lambda p: (port.append(p), ready.set())))
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    assert ready.wait(10)
-    with _conn(port[0]) as s:
-        s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.05)
-        srv.loop.call_soon_threadsafe(srv.stop)
-        assert _read_response(s, bytearray())[0] == 200
-        assert _closed(s)
-    th.join(10)
+    with _serving(app) as (port, srv):
+        with _conn(port) as s:
+            s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.05)
+            assert srv.loop is not None
+            srv.loop.call_soon_threadsafe(srv.stop)
+            assert _read_response(s, bytearray())[0] == 200
+            assert _closed(s)
     assert app.events == ["startup", "shutdown"]
     with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port[0]), timeout=1).close()
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
