@@ -74,6 +74,7 @@ def _make_app() -> Celery:
             "mail.sweep": {"task": "mail.sweep", "schedule": 60.0},
             "cluster.reconcile": {"task": "cluster.reconcile", "schedule": settings.reconcile_interval_seconds},
             "backup.sweep": {"task": "backup.sweep", "schedule": 300.0},
+            "imports.sweep": {"task": "imports.sweep", "schedule": 60.0},
         },
         timezone="UTC",
     )

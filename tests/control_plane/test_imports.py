@@ -5,6 +5,7 @@ object store are refused; a task whose worker died resumes after the last acknow
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import json
 import uuid
@@ -381,6 +382,15 @@ async def test_resume_after_the_worker_died(
     job_id = accepted["job_id"]
     assert accepted["status"] == "queued" and sent == [("collection.import", (job_id,), {})]
 
+    # the sweeper sends a lost message again once the job has sat unclaimed for STUCK_QUEUED, not before
+    resent: list[str] = []
+    monkeypatch.setattr(import_tasks.celery_app, "send_task", lambda name, args=(), **kw: resent.append(args[0]))
+    import_tasks.sweep()
+    assert job_id not in resent
+    monkeypatch.setattr(import_tasks, "STUCK_QUEUED", dt.timedelta(0))
+    import_tasks.sweep()
+    assert job_id in resent
+
     settings = ImportSettings(batch_rows=20, lease_seconds=1.0)
     real_send = import_tasks.Importer._send
     batches: list[list[str]] = []
@@ -402,12 +412,17 @@ async def test_resume_after_the_worker_died(
     # redelivered while the dead worker's lease still holds: it does not import a second time alongside
     assert import_tasks.Importer(job_id, settings).run() == "busy"
     assert await count(client, w, coll) == 60
+    resent.clear()
+    import_tasks.sweep()  # running under a live lease: not sent again
+    assert job_id not in resent
 
     monkeypatch.setattr(import_tasks.Importer, "_send", lambda self, parts, schema: (
         batches.append([orjson.loads(p)["id"] for p in parts]), real_send(self, parts, schema)))  # fmt: skip
     import time
 
     time.sleep(1.1)  # the lease lapses
+    import_tasks.sweep()  # the dead worker's job is sent again
+    assert job_id in resent
     batches.clear()
     assert import_tasks.Importer(job_id, settings).run() == "succeeded"
     assert batches[0][0] == "doc60" and len(batches) == 7  # resumed after the last acknowledged batch

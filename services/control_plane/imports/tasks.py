@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
+from sqlalchemy import select
 
 from services.control_plane.clusters.models import Cluster, Job
 from services.control_plane.clusters.state import Status
@@ -47,9 +48,34 @@ class EngineGone(Exception):
     """The engine could not be reached for longer than ``engine_retry_seconds``."""
 
 
+STUCK_QUEUED = dt.timedelta(seconds=120)  # a queued import no worker has claimed for this long lost its message
+
+
 @celery_app.task(name=KIND, acks_late=True, ignore_result=True)
 def run_import(job_id: str) -> str:
     return Importer(job_id, import_settings()).run()
+
+
+@celery_app.task(name="imports.sweep", ignore_result=True)
+def sweep() -> int:
+    """Send again the imports whose task message was lost (the broker restarted before a worker took it): queued
+    and unclaimed for STUCK_QUEUED, or running with a lapsed lease (its worker died and its message is not coming
+    back soon: Redis redelivers unacknowledged messages only after its visibility timeout). A duplicate delivery is
+    harmless: the lease lets one worker import at a time, and a finished job is left alone."""
+    now = utcnow()
+    todo: list[str] = []
+    with get_database().sync_transaction() as s:
+        for job in s.scalars(select(Job).where(Job.kind == KIND, Job.status.in_(("queued", "running")))):
+            until = (job.params or {}).get("lease_until")
+            lapsed = until is None or dt.datetime.fromisoformat(until) <= now
+            if job.status == "running" and lapsed and until is not None:
+                todo.append(job.id)
+            elif job.status == "queued" and lapsed and job.created_at <= now - STUCK_QUEUED:
+                todo.append(job.id)
+    for job_id in todo:
+        log.warning("import %s: sending its task again (its message was lost or its worker died)", job_id)
+        celery_app.send_task(KIND, args=(job_id,))
+    return len(todo)
 
 
 class Importer:
