@@ -14,8 +14,10 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from services.control_plane.clusters import tasks
+from services.control_plane.clusters.models import ClusterMetric
 from tests.clusterkit import alive, cluster_row, create_cluster, records
 from tests.conftest import auth, create_key, signup
 
@@ -40,6 +42,14 @@ async def wait_for(fn: Any, timeout: float = 20.0, what: str = "condition") -> A
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
+
+
+async def metric_rows(app: FastAPI, cid: str) -> list[ClusterMetric]:
+    async with app.state.db.session() as session:
+        rows = await session.execute(
+            select(ClusterMetric).where(ClusterMetric.cluster_id == cid).order_by(ClusterMetric.at)
+        )
+        return list(rows.scalars().all())
 
 
 async def test_replicas_serve_reads_heal_and_scale(client: httpx.AsyncClient, app: FastAPI) -> None:
@@ -71,6 +81,7 @@ async def test_replicas_serve_reads_heal_and_scale(client: httpx.AsyncClient, ap
     await wait_for(lambda: replica_count(replica["url"]) == 40, what="the replica to catch up")
 
     # -- reads through the edge: identical answers, served by both members
+    assert await asyncio.to_thread(tasks.heartbeat, cid) == "heartbeats"  # the metrics baseline
     before = {u: served(u, token, "search") for u in (primary_url, replica["url"])}
     query = {"vector": [0.1, 0.2, 0.3, 0.4], "top_k": 5}
     answers = []
@@ -81,6 +92,12 @@ async def test_replicas_serve_reads_heal_and_scale(client: httpx.AsyncClient, ap
     assert all(a == answers[0] for a in answers) and len(answers[0]["results"]) == 5
     after = {u: served(u, token, "search") for u in (primary_url, replica["url"])}
     assert after[primary_url] > before[primary_url] and after[replica["url"]] > before[replica["url"]], after
+    # the cluster's metrics (and billing's read units) count the reads of every member, not the primary's only
+    assert await asyncio.to_thread(tasks.heartbeat, cid) == "heartbeats"
+    prev, last = (await metric_rows(app, cid))[-2:]
+    assert last.requests - prev.requests == 8, (prev.requests, last.requests)
+    assert last.read_units - prev.read_units >= 8
+    assert last.latency_p50_ms is not None
     assert (await client.get(dp(cid, "/docs"), headers=h)).json()["vector_count"] == 40
 
     # -- the replica dies: reads keep working (failed over to the primary), then the reconciler restarts it

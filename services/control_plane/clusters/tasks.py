@@ -358,7 +358,7 @@ def heartbeat(cluster_id: str) -> str:
         if c is None or c.status != Status.RUNNING.value:
             return "skipped"
         token, data_key = cluster_secrets(c)
-        state = {k: v for k, v in (c.engine_state or {}).items() if k != METRICS_CURSOR}
+        state = {k: v for k, v in (c.engine_state or {}).items() if k not in (METRICS_CURSOR, REPLICA_CURSORS)}
         spec = EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, state)
         url, provisioner = c.engine_url, c.provisioner
     stats = None
@@ -378,6 +378,14 @@ def heartbeat(cluster_id: str) -> str:
         except (ProvisionError, httpx.HTTPError) as exc:
             log.error("could not restart the engine of %s: %s", cluster_id, exc)
             return "restart_failed"
+    replica_stats: dict[str, dict[str, Any]] = {}
+    if restarted is None:
+        for r in state.get("replicas") or []:
+            if isinstance(r, dict) and isinstance(r.get("url"), str):
+                try:
+                    replica_stats[r["url"]] = engine_call(r["url"], token, "GET", "/internal/stats", timeout=5.0)
+                except (httpx.HTTPError, ProvisionError):
+                    pass  # a replica down now: its reads are counted at its next answer (or lost with it)
     now = utcnow()
     with db.sync_transaction() as s:
         # Locked: two overlapping passes must not both count the same requests against one cursor.
@@ -390,12 +398,13 @@ def heartbeat(cluster_id: str) -> str:
         c.last_heartbeat_at = now
         c.vector_count = int(stats.get("vector_count", 0))
         c.storage_bytes = int(stats.get("bytes_on_disk", 0))
-        record_sample(s, c, stats, now)
+        record_sample(s, c, stats, now, replica_stats)
     return "restarted" if restarted is not None else "heartbeats"
 
 
 # -- metrics samples -----------------------------------------------------------------------------------------
 METRICS_CURSOR = "metrics_cursor"  # key in Cluster.engine_state: the engine's counters at the last sample
+REPLICA_CURSORS = "replica_metrics_cursors"  # the same for each read replica, by URL
 
 
 @dataclass(frozen=True)
@@ -406,6 +415,8 @@ class Interval:
     latency_p50_ms: float | None
     latency_p99_ms: float | None
     cursor: dict[str, Any]
+    read_buckets: tuple[int, ...] = ()  # the interval's read-latency histogram (counts per bucket)
+    bounds: tuple[float, ...] = ()
 
 
 def histogram_quantile(q: float, bounds: list[float], counts: list[int]) -> float | None:
@@ -459,42 +470,83 @@ def interval_since(cursor: Any, reported: Any) -> Interval | None:
         None if p50 is None else round(p50, 3),
         None if p99 is None else round(p99, 3),
         now,
+        tuple(delta),
+        tuple(bounds),
     )
 
 
-def record_sample(s: Session, c: Cluster, stats: dict[str, Any], at: dt.datetime) -> None:
-    """A metrics row for this heartbeat. ``requests`` is a running total kept by the control plane (the previous
-    row's plus this interval's), so it never goes down when an engine restarts and QPS is never negative."""
-    state = dict(c.engine_state or {})
-    cursor = state.get(METRICS_CURSOR)
+def _member_sample(cursor: Any, stats: dict[str, Any]) -> tuple[Interval, int, int, dict[str, Any]] | None:
+    """One engine process's interval since its cursor: (interval, read units, write units, the new cursor), or
+    None for a sample older than the cursor. Read and write units (what billing meters) are per process too, so
+    they are deltas under the same boot_id like the request counts (everything reported, after a restart)."""
     interval = interval_since(cursor, stats.get("requests"))
     if interval is None:
+        return None
+    units = (int(stats.get("read_units", 0)), int(stats.get("write_units", 0)))
+    before = (0, 0)
+    if interval.cursor and isinstance(cursor, dict) and cursor.get("boot_id") == interval.cursor["boot_id"]:
+        before = (int(cursor.get("read_units", 0)), int(cursor.get("write_units", 0)))
+    new_cursor = {**interval.cursor, "read_units": units[0], "write_units": units[1]} if interval.cursor else {}
+    return interval, max(0, units[0] - before[0]), max(0, units[1] - before[1]), new_cursor
+
+
+def record_sample(
+    s: Session,
+    c: Cluster,
+    stats: dict[str, Any],
+    at: dt.datetime,
+    replica_stats: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """A metrics row for this heartbeat, over the primary and the read replicas that answered
+    (``replica_stats``: URL → stats): a replicated cluster's reads are spread over its members, and each member's
+    counters are its own. ``requests``, read and write units are running totals kept by the control plane (the
+    previous row's plus this interval's), so they never go down when an engine restarts and QPS is never
+    negative; the latency percentiles come from the members' histograms added together."""
+    state = dict(c.engine_state or {})
+    primary = _member_sample(state.get(METRICS_CURSOR), stats)
+    if primary is None:
         return
+    samples = [primary]
+    replica_cursors = dict(state.get(REPLICA_CURSORS) or {})
+    for url, st in (replica_stats or {}).items():
+        member = _member_sample(replica_cursors.get(url), st)
+        if member is not None:
+            samples.append(member)
+            if member[3]:
+                replica_cursors[url] = member[3]
+    requests = sum(m[0].requests for m in samples)
+    d_read = sum(m[1] for m in samples)
+    d_write = sum(m[2] for m in samples)
+    p50, p99 = primary[0].latency_p50_ms, primary[0].latency_p99_ms
+    if len(samples) > 1:  # one histogram for the cluster: the members' interval buckets added (same bounds)
+        bounds = primary[0].bounds
+        merged = [0] * len(primary[0].read_buckets)
+        for m in samples:
+            if m[0].bounds == bounds and len(m[0].read_buckets) == len(merged):
+                merged = [a + b for a, b in zip(merged, m[0].read_buckets, strict=True)]
+        q50, q99 = histogram_quantile(0.5, list(bounds), merged), histogram_quantile(0.99, list(bounds), merged)
+        p50 = None if q50 is None else round(q50, 3)
+        p99 = None if q99 is None else round(q99, 3)
     last = s.execute(
         select(ClusterMetric.requests, ClusterMetric.read_units, ClusterMetric.write_units)
         .where(ClusterMetric.cluster_id == c.id)
         .order_by(ClusterMetric.at.desc())
         .limit(1)
     ).first()
-    # Read and write units (what billing meters) are per engine process too: running totals like ``requests``,
-    # from the units reported since the cursor under the same boot_id (everything reported, after a restart).
-    units = (int(stats.get("read_units", 0)), int(stats.get("write_units", 0)))
-    before = (0, 0)
-    if interval.cursor and isinstance(cursor, dict) and cursor.get("boot_id") == interval.cursor["boot_id"]:
-        before = (int(cursor.get("read_units", 0)), int(cursor.get("write_units", 0)))
-    d_read, d_write = max(0, units[0] - before[0]), max(0, units[1] - before[1])
-    if interval.cursor:
-        state[METRICS_CURSOR] = {**interval.cursor, "read_units": units[0], "write_units": units[1]}
-        c.engine_state = state
+    if primary[3]:
+        state[METRICS_CURSOR] = primary[3]
+    known = {r.get("url") for r in state.get("replicas") or [] if isinstance(r, dict)}
+    state[REPLICA_CURSORS] = {u: cur for u, cur in replica_cursors.items() if u in known}
+    c.engine_state = state
     s.add(
         ClusterMetric(
             cluster_id=c.id,
             at=at,
-            requests=int(last[0] if last else 0) + interval.requests,
+            requests=int(last[0] if last else 0) + requests,
             read_units=int(last[1] if last else 0) + d_read,
             write_units=int(last[2] if last else 0) + d_write,
-            latency_p50_ms=interval.latency_p50_ms,
-            latency_p99_ms=interval.latency_p99_ms,
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
             vector_count=c.vector_count,
             storage_bytes=c.storage_bytes,
         )
