@@ -399,20 +399,14 @@ class Edge:
     async def _read_body(self, receive: Receive, first: bytes) -> bytes | list[bytes]:
         """The rest of a request body whose ``first`` piece came with more to follow: the list of its pieces (the
         engine client writes them as they are, without joining them)."""
-        chunks = [first] if first else []
-        size = len(first)
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > self.max_body:
-                    raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else chunks
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in _body_pieces(first, receive):
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes", code="payload_too_large")
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else chunks
 
 
 async def _body_pieces(first: bytes, receive: Receive) -> AsyncIterator[bytes]:
