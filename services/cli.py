@@ -113,6 +113,10 @@ def up(
     typer.echo(f"API docs: http://{host}:{port}/docs   logs: {settings.log_dir}")
     import uvicorn
 
+    # uvicorn handles SIGTERM itself while it serves, then restores the previous handler and raises the signal
+    # again; with the default handler the process would die right there, skipping the cleanup below (the worker
+    # and engines would be left running). This handler turns it into SystemExit, so the cleanup runs.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         # No access log (at level warning it printed nothing, but uvicorn still built its arguments per request)
         # and no Server header; httptools and uvloop are picked when installed (uvicorn[standard]).
@@ -138,6 +142,10 @@ def up(
         stopped = stop_local_engines()
         if stopped:
             typer.echo(f"stopped {stopped} engine process(es); they start again with the next `vecta up`")
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _die_with_parent() -> None:

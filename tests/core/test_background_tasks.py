@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -206,5 +208,42 @@ def test_vecta_up_embedded_default_runs_tasks_in_background(tmp_path: Path) -> N
         # All local state lives under the chosen home.
         assert (home / "vecta.db").exists() and (home / "broker.db").exists()
         assert (home / "secrets" / "secret_key").stat().st_mode & 0o777 == 0o600
+
+        # A cluster's engine runs as a process of its own; `vecta up` stops it when it is stopped (SIGTERM)
+        h = {"authorization": f"Bearer {r.json()['access_token']}"}
+        projects = httpx.get(f"http://127.0.0.1:{port}/v1/orgs/{r.json()['org']['id']}/projects", headers=h).json()
+        c = httpx.post(
+            f"http://127.0.0.1:{port}/v1/projects/{projects['items'][0]['id']}/clusters",
+            json={"name": "c1", "plan": "dedicated", "region": "local"},
+            headers=h,
+            timeout=10,
+        )
+        assert c.status_code == 202, c.text
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = httpx.get(f"http://127.0.0.1:{port}/v1/clusters/{c.json()['id']}", headers=h).json()["status"]
+            if status == "RUNNING":
+                break
+            time.sleep(0.1)
+        assert status == "RUNNING", (tmp_path / "up.log").read_text()[-3000:]
+        with sqlite3.connect(home / "vecta.db") as db:
+            (state,) = db.execute("select engine_state from clusters").fetchone()
+        engine_pid = json.loads(state)["pid"]
+        os.kill(engine_pid, 0)  # alive
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert "stopped 1 engine process" in (tmp_path / "up.log").read_text()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(engine_pid):
+            time.sleep(0.05)
+        assert not _alive(engine_pid)
     finally:
         _stop([proc])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
