@@ -335,8 +335,8 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self.loop.add_signal_handler(sig, self.stop)
-            except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-                pass
+            except (NotImplementedError, RuntimeError):
+                pass  # only the main thread may set signal handlers: a server in another thread is stopped by stop()
         if ready is not None:
             ready(self.port)
         try:

@@ -22,6 +22,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from services.control_plane.clusters import metrics as cluster_metrics
 from services.control_plane.clusters import tasks
 from services.control_plane.clusters.models import ClusterMetric
 from services.core.db import utcnow
@@ -54,7 +55,7 @@ def _histogram(values_ms: np.ndarray) -> list[int]:
 def test_histogram_quantile_lands_in_the_true_quantiles_bucket(q: float) -> None:
     rng = np.random.default_rng(7)
     values = rng.lognormal(mean=0.0, sigma=1.2, size=5000)  # ms: a median of 1 ms, a long tail
-    est = tasks.histogram_quantile(q, BOUNDS_MS, _histogram(values))
+    est = cluster_metrics.histogram_quantile(q, BOUNDS_MS, _histogram(values))
     true = float(np.quantile(values, q))
     assert est is not None
     i = bisect.bisect_left(BOUNDS_MS, true)
@@ -63,11 +64,11 @@ def test_histogram_quantile_lands_in_the_true_quantiles_bucket(q: float) -> None
 
 
 def test_histogram_quantile_edges() -> None:
-    assert tasks.histogram_quantile(0.5, BOUNDS_MS, [0] * (len(BOUNDS_MS) + 1)) is None
+    assert cluster_metrics.histogram_quantile(0.5, BOUNDS_MS, [0] * (len(BOUNDS_MS) + 1)) is None
     only_slow = [0] * len(BOUNDS_MS) + [3]  # everything above the last bound
-    assert tasks.histogram_quantile(0.99, BOUNDS_MS, only_slow) == BOUNDS_MS[-1]
+    assert cluster_metrics.histogram_quantile(0.99, BOUNDS_MS, only_slow) == BOUNDS_MS[-1]
     one = [0, 0, 4] + [0] * (len(BOUNDS_MS) - 2)  # four requests in (0.25, 0.5] ms
-    assert tasks.histogram_quantile(0.5, BOUNDS_MS, one) == pytest.approx(0.375)
+    assert cluster_metrics.histogram_quantile(0.5, BOUNDS_MS, one) == pytest.approx(0.375)
 
 
 def _reported(boot: str, reads: list[float], writes: int) -> dict[str, Any]:
@@ -80,26 +81,26 @@ def _reported(boot: str, reads: list[float], writes: int) -> dict[str, Any]:
 
 
 def test_interval_since_handles_first_sample_restart_and_stale_samples() -> None:
-    first = tasks.interval_since(None, _reported("a", [0.3] * 10, 5))
+    first = cluster_metrics.interval_since(None, _reported("a", [0.3] * 10, 5))
     assert first is not None and first.requests == 15
     assert first.latency_p50_ms is not None and 0.25 <= first.latency_p50_ms <= 0.5
 
-    later = tasks.interval_since(first.cursor, _reported("a", [0.3] * 10 + [3.0] * 30, 5))
+    later = cluster_metrics.interval_since(first.cursor, _reported("a", [0.3] * 10 + [3.0] * 30, 5))
     assert later is not None and later.requests == 30  # only what happened since the cursor
     assert later.latency_p50_ms is not None and 2.0 <= later.latency_p50_ms <= 5.0  # the old 0.3 ms are gone
 
     # the engine restarted: its counters are lower, but it is another process, so all of them are new
-    restarted = tasks.interval_since(later.cursor, _reported("b", [1.5] * 4, 1))
+    restarted = cluster_metrics.interval_since(later.cursor, _reported("b", [1.5] * 4, 1))
     assert restarted is not None and restarted.requests == 5
     assert restarted.latency_p99_ms is not None and 1.0 <= restarted.latency_p99_ms <= 2.0
 
     # an older sample than the cursor (overlapping passes) adds nothing
-    assert tasks.interval_since(later.cursor, _reported("a", [0.3] * 10, 5)) is None
+    assert cluster_metrics.interval_since(later.cursor, _reported("a", [0.3] * 10, 5)) is None
     # no reads in the interval: no latency rather than a made-up one
-    idle = tasks.interval_since(later.cursor, _reported("a", [0.3] * 10 + [3.0] * 30, 9))
+    idle = cluster_metrics.interval_since(later.cursor, _reported("a", [0.3] * 10 + [3.0] * 30, 9))
     assert idle is not None and idle.requests == 4 and idle.latency_p50_ms is None
     # an engine that reports no request statistics
-    assert tasks.interval_since(None, None) == tasks.Interval(0, None, None, {})
+    assert cluster_metrics.interval_since(None, None) == cluster_metrics.Interval(0, None, None, {})
 
 
 # -- a real engine, through the public API ------------------------------------------------------------------
