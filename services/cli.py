@@ -18,12 +18,26 @@ app = typer.Typer(help="Vecta: a managed vector database.", no_args_is_help=True
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-try:  # the engine worker's own commands (``vecta engine serve``)
-    from services.engine.cli import app as engine_app
+# ``vecta engine serve|spare``: the engine's own argparse command line (services/engine/cli.py, which engines
+# run as ``python -m services.engine`` without typer and pydantic), reached with its arguments untouched.
+engine_app = typer.Typer(help="The per-cluster vector engine worker.", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
-    app.add_typer(engine_app, name="engine", help="The per-cluster vector engine worker.")
-except ImportError:  # pragma: no cover - only while the engine package is being built
-    pass
+
+@engine_app.command("serve", context_settings=_PASSTHROUGH, help="Serve the data-plane API (--help: its options).")
+def engine_serve(ctx: typer.Context) -> None:
+    from services.engine.cli import main
+
+    raise typer.Exit(main(["serve", *ctx.args]))
+
+
+@engine_app.command("spare", context_settings=_PASSTHROUGH, hidden=True)
+def engine_spare(ctx: typer.Context) -> None:
+    from services.engine.cli import main
+
+    raise typer.Exit(main(["spare", *ctx.args]))
+
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,7 @@ def engine_pids(under: Path | str) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"engine" not in argv or b"serve" not in argv or b"--data-dir" not in argv:
+        if not any(a.endswith(b"engine") for a in argv) or b"serve" not in argv or b"--data-dir" not in argv:
             continue
         i = argv.index(b"--data-dir")
         if i + 1 < len(argv) and argv[i + 1].decode(errors="replace").startswith(root):

@@ -63,7 +63,7 @@ def test_a_spare_serves_one_cluster_with_its_secrets_only_in_the_pipe(tmp_path: 
         assert _stats(handle.url, "wrong-" + token).status_code == 401
         # It shows the command line of a cold `serve` of this cluster; the secrets are nowhere but its memory.
         argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-        assert argv[argv.index(b"engine") + 1] == b"serve"
+        assert argv[argv.index(b"services.engine") + 1] == b"serve"
         assert argv[argv.index(b"--data-dir") + 1] == str(prov.data_dir("cl_sparea")).encode()
         assert engine_pids(tmp_path / "clusters") == [pid]
         b64key = base64.b64encode(key)
@@ -129,7 +129,7 @@ def test_a_spare_started_under_another_environment_is_not_used(
 
 def _spare(tmp_path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "engine", "spare", "--spare-id", "sp_test"],
+        [sys.executable, "-m", "services.engine", "spare", "--spare-id", "sp_test"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={k: v for k, v in os.environ.items() if not k.startswith("VECTA_ENGINE_")},
     )  # fmt: skip

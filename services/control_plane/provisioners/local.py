@@ -132,7 +132,7 @@ class SparePool:
                 spare_id = "sp_" + secrets.token_hex(8)
                 with (log_dir / "engine-spares.log").open("ab") as log:
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "services.cli", "engine", "spare", "--spare-id", spare_id,
+                        [sys.executable, "-m", "services.engine", "spare", "--spare-id", spare_id,
                          "--title-room", "." * TITLE_ROOM],
                         env={**env, "OMP_NUM_THREADS": "1"},  # its assignment sets the cluster's count
                         stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -288,7 +288,7 @@ class LocalProvisioner:
         env["VECTA_ENGINE_DATA_KEY"] = base64.b64encode(spec.data_key).decode()
         env["OMP_NUM_THREADS"] = str(spec.cu_size)
         args = [
-            sys.executable, "-m", "services.cli", "engine", "serve",
+            sys.executable, "-m", "services.engine", "serve",
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
             "--search-threads", str(max(2, spec.cu_size)), "--build-threads", str(spec.cu_size),
         ]  # fmt: skip
@@ -445,7 +445,7 @@ class LocalProvisioner:
         env["VECTA_ENGINE_DATA_KEY"] = base64.b64encode(spec.data_key).decode()
         env["OMP_NUM_THREADS"] = str(spec.cu_size)
         args = [
-            sys.executable, "-m", "services.cli", "engine", "serve",
+            sys.executable, "-m", "services.engine", "serve",
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
             "--search-threads", str(max(2, spec.cu_size)), "--build-threads", str(spec.cu_size),
             "--replica-of", primary_url,
