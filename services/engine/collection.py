@@ -29,6 +29,7 @@ import orjson
 from services.core.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable
 
 from .crypto import CorruptionError, DataCipher
+from .idmap import ROW_MASK, SEG_SHIFT, IdMap, PackedIds
 from .schema import (
     MAX_QUERIES,
     MAX_QUERY_LIMIT,
@@ -52,8 +53,6 @@ log = logging.getLogger("vecta.engine")
 
 OP_UPSERT = 1
 OP_DELETE = 2
-SEG_SHIFT = 32
-ROW_MASK = (1 << SEG_SHIFT) - 1
 GROW_RESERVE_BYTES = 256 << 20  # at most this much address space reserved for a growing segment's vectors
 INLINE_EXACT_FLOATS = 2_000_000  # exact scans up to this many floats may run inline (about 1 ms)
 READ_UNIT_VECTORS = 100_000  # one read unit per query per this many vectors searched
@@ -90,7 +89,7 @@ class Collection:
         self.state_lock = threading.Lock()
         self.segments: list[Segment] = []  # persisted and frozen segments, then the growing one last
         self.by_no: dict[int, Segment] = {}
-        self.id_map: dict[str, int] = {}
+        self.id_map = IdMap(self.by_no)  # id -> seg_no << SEG_SHIFT | row of its live row
         self.version = 0
         self.next_seg_no = 1
         self.next_wal_no = 1
@@ -194,12 +193,7 @@ class Collection:
                 seg.n_dead = len(dead)
             segments.append(seg)
             self.by_no[seg.seg_no] = seg
-        for seg in segments:
-            live = np.flatnonzero(seg.del_ver.view(seg.n) == LIVE)
-            base = seg.seg_no << SEG_SHIFT
-            ids = seg.ids
-            for r in live.tolist():
-                self.id_map[ids[r]] = base | r
+        self.id_map.load(segments)
         self.growing = self._new_growing()
         self.segments = [*segments, self.growing]
         # replay the WALs in order
@@ -271,12 +265,12 @@ class Collection:
             v = self.version + 1
             id_map = self.id_map
             by_no = self.by_no
-            base = g.seg_no << SEG_SHIFT
-            for i, rid in enumerate(batch.ids):
-                old = id_map.get(rid)
+            loc = (g.seg_no << SEG_SHIFT) | start
+            for rid, old in zip(batch.ids, id_map.get_many(batch.ids), strict=True):  # ids are unique in a batch
                 if old is not None:
                     by_no[old >> SEG_SHIFT].mark_dead(old & ROW_MASK, v)
-                id_map[rid] = base | (start + i)
+                id_map.put(rid, loc, old)
+                loc += 1
             g.publish(len(batch.ids))
             self.version = v
 
@@ -284,10 +278,10 @@ class Collection:
         with self.state_lock:
             v = self.version + 1
             count = 0
-            for rid in ids:
-                old = self.id_map.pop(rid, None)
+            for rid, old in zip(ids, self.id_map.get_many(ids), strict=True):  # ids are unique
                 if old is not None:
                     self.by_no[old >> SEG_SHIFT].mark_dead(old & ROW_MASK, v)
+                    self.id_map.remove(rid)
                     count += 1
             self.version = v
         return count
@@ -321,7 +315,9 @@ class Collection:
                 view = self.view()
                 ids = [rid for seg, rows in self._matching(view, flt) for rid in (seg.ids[r] for r in rows.tolist())]
             assert ids is not None
-            present = [rid for rid in dict.fromkeys(ids) if rid in self.id_map]
+            uniq = list(dict.fromkeys(ids))
+            with self.state_lock:
+                present = [rid for rid, loc in zip(uniq, self.id_map.get_many(uniq), strict=True) if loc is not None]
             if not present:
                 return 0
             assert self.wal is not None
@@ -394,7 +390,8 @@ class Collection:
         if not isinstance(inc_v, bool) or not isinstance(inc_m, bool):
             raise BadRequest("include_vectors/include_metadata must be booleans", code="validation_error")
         with self.state_lock:
-            keys = [(rid, self.id_map.get(rid)) for rid in dict.fromkeys(ids)]
+            uniq = list(dict.fromkeys(ids))
+            keys = list(zip(uniq, self.id_map.get_many(uniq), strict=True))
             segs = {k >> SEG_SHIFT: self.by_no[k >> SEG_SHIFT] for _, k in keys if k is not None}
         out = []
         for _rid, key in keys:
@@ -422,7 +419,7 @@ class Collection:
         flt = compile_filter(body["filter"], self.cfg) if body.get("filter") is not None else None
         found: list[tuple[str, Segment, int]] = []
         for seg, rows in self._matching(self.view(), flt):
-            ids = seg.ids
+            ids = seg.ids.tolist() if isinstance(seg.ids, PackedIds) else seg.ids
             found.extend((ids[r], seg, r) for r in rows.tolist() if ids[r] > after)
         page = heapq.nsmallest(limit + 1, found, key=lambda t: t[0])
         more = len(page) > limit
@@ -769,7 +766,9 @@ class Collection:
                 else:
                     vectors = np.concatenate([s.vectors(n)[r] for (s, n), r in zip(snap, live_rows, strict=True)])
                 new.vec = None
-                new.ids = [s.ids[i] for (s, _), r in zip(snap, live_rows, strict=True) for i in r.tolist()]
+                new.ids = PackedIds.from_list(
+                    s.ids[i] for (s, _), r in zip(snap, live_rows, strict=True) for i in r.tolist()
+                )
                 new.norms = Grow.wrap(
                     np.concatenate([s.norms.view(n)[r] for (s, n), r in zip(snap, live_rows, strict=True)])
                 )
@@ -826,14 +825,9 @@ class Collection:
                     for j in later.tolist():
                         new.mark_dead(offset + j, int(dv[j]))
                     offset += len(rows)
-                base = new.seg_no << SEG_SHIFT
-                id_map = self.id_map
                 if new.n:
-                    live = np.flatnonzero(new.del_ver.view(new.n) == LIVE)
-                    ids = new.ids
-                    for r in live.tolist():
-                        id_map[ids[r]] = base | r
                     self.by_no[new.seg_no] = new
+                self.id_map.swap({s.seg_no for s in plan}, new if new.n else None)
                 keep = [s for s in self.segments if s not in plan]
                 self.segments = ([new] if new.n else []) + keep
                 for s in plan:
@@ -868,7 +862,7 @@ class Collection:
                 for s in segs
             ],
             "bytes_on_disk": disk,
-            "bytes_in_memory": sum(s.memory_bytes() for s in segs) + 120 * len(self.id_map),
+            "bytes_in_memory": sum(s.memory_bytes() for s in segs) + self.id_map.nbytes,
             "read_units": self.read_units,
             "write_units": self.write_units,
         }

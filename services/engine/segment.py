@@ -18,12 +18,12 @@ import faiss as _faiss
 import numpy as np
 import orjson
 
+from .idmap import LIVE, PackedIds
 from .schema import CollectionConfig
 from .text import TextIndex
 
 faiss: Any = _faiss  # the bundled stubs lag behind the SWIG API (selectors, search parameters)
 
-LIVE = np.iinfo(np.int64).max
 MISSING: Any = object()
 
 EXACT_MAX_ROWS = 10_000  # filtered searches that leave at most this many rows are answered exactly
@@ -460,7 +460,7 @@ class Segment:
         self.d = cfg.dimension
         self.n = 0  # published rows
         self.growing = True
-        self.ids: list[str] = []
+        self.ids: list[str] | PackedIds = []  # a list while growing, packed once built or loaded
         self.vec: Grow | None = Grow(np.float32, self.d)
         self.norms = Grow(np.float32)
         self.del_ver = Grow(np.int64)
@@ -502,6 +502,7 @@ class Segment:
             for i, s in enumerate(t):
                 self.text_index.add(start + i, s)
             self.texts.extend(t)
+        assert isinstance(self.ids, list)
         self.ids.extend(ids)
 
     def publish(self, count: int) -> None:
@@ -677,7 +678,8 @@ class Segment:
         if self.vec is not None:  # rows written, not the reserved (untouched) capacity
             total += int(self.vec.arr[: self.vec.n].nbytes)
         total += sum(c.nbytes() for c in self.columns.values())
-        total += sum(len(s) + 90 for s in self.ids)
+        ids = self.ids
+        total += ids.nbytes if isinstance(ids, PackedIds) else sum(len(s) + 90 for s in ids)
         return total
 
     # --- sealing -----------------------------------------------------------------------------------------
@@ -791,7 +793,7 @@ def load_segment(cfg: CollectionConfig, buf: np.ndarray) -> Segment:
     n = int(header["n"])
     seg.growing = False
     seg.n = n
-    seg.ids = orjson.loads(blob(header["ids"], copy=False).tobytes())
+    seg.ids = PackedIds.from_list(orjson.loads(blob(header["ids"], copy=False).tobytes()))
     seg.norms = Grow.wrap(blob(header["norms"]))
     seg.del_ver = Grow.wrap(np.full(n, LIVE, dtype=np.int64))
     for name, c in header["columns"].items():
