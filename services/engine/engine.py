@@ -33,7 +33,7 @@ from services.core.objectstore import ObjectStore, ObjectStoreError, open_object
 
 from .collection import Collection, Settings
 from .crypto import CorruptionError, DataCipher
-from .schema import CollectionConfig
+from .schema import CollectionConfig, release_parse_buffers
 
 log = logging.getLogger("vecta.engine")
 
@@ -182,7 +182,8 @@ class Engine:
                 did = False
             dirty |= did
             if not did:
-                if dirty:  # a seal or build just finished: return the freed build buffers to the OS
+                if dirty:  # a seal or build just finished: writes paused; return build and parse buffers
+                    release_parse_buffers()
                     trim_memory()
                     dirty = False
                 self._stop.wait(0.2)

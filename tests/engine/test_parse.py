@@ -192,3 +192,20 @@ async def test_http_bad_batch_names_record_and_applies_nothing(app_client, fast,
     assert r.json() == {"upserted_count": 1}
     r = await client.post("/v1/collections/items/fetch", json={"ids": ["x"]})
     assert r.json()["records"][0]["vector"] == [1.0, 2.0, 3.0, 4.0]
+
+
+@needs_simdjson
+def test_parse_buffers_are_released_and_parsers_recreated() -> None:
+    """Each thread's simdjson parser keeps buffers sized for the largest body it parsed; the engine drops them
+    all when writes pause. A document still in use keeps its parser alive; the next parse makes a new one."""
+    import threading
+
+    body = orjson.dumps({"records": [{"id": f"r{i}", "vector": [0.5, 1, 2, 3]} for i in range(50)]})
+    recs, vecs = fast_records(body, 4) or ([], np.empty(0))
+    assert len(recs) == 50 and threading.get_ident() in schema._parsers
+    held = schema._parser().parse(b'{"a": [1, 2, 3]}')
+    schema.release_parse_buffers()
+    assert schema._parsers == {}
+    assert held["a"].as_list() == [1, 2, 3]  # its parser lives on with the document
+    again = fast_records(body, 4)
+    assert again is not None and np.array_equal(again[1], vecs) and threading.get_ident() in schema._parsers

@@ -93,6 +93,8 @@ def test_writes_replicate_and_searches_match(pair: tuple[EngineProcess, EnginePr
     primary, replica = pair
     rng = np.random.default_rng(1)
     with primary.client() as p, replica.client() as r:
+        # its first bootstrap (of an empty primary) done, every record below reaches it through the WAL stream
+        wait_until(lambda: repl_stats(r)["bootstrapped"], what="the replica's first bootstrap")
         create(p, "docs")
         # three bursts with pauses longer than the primary's idle seal: the replica follows across WAL files
         for burst in range(3):
