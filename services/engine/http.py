@@ -16,8 +16,12 @@ requests, then the app's lifespan shutdown). It serves exactly one app: ``Engine
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import signal
+import socket
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -81,6 +85,11 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_io = 0.0  # loop time of the last bytes read or response finished (the idle timer checks it)
+        # the app's synchronous fast lane (EngineApp.fast_search), tried before a request becomes a task
+        self.fast: Callable[[str, str, list[tuple[bytes, bytes]], bytes], bytes | None] | None = getattr(
+            self.app, "fast_search", None
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -93,22 +102,21 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
-        self.server.connections.add(self)
+        with self.server.lock:
+            self.server.connections.add(self)
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        with self.server.lock:
+            self.server.connections.discard(self)
         self._disarm_idle()
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
         # the keep-alive timeout is an inactivity timeout: a request that stops arriving midway is closed after it
         # too (a body that keeps arriving, however slowly, is not); none runs while a request is being served
-        if self.busy:
-            self._disarm_idle()
-        else:
-            self._arm_idle()
+        self.last_io = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -155,8 +163,22 @@ class _Connection(asyncio.Protocol):
         self.chunks.append(body)
 
     def on_message_complete(self) -> None:
-        url = httptools.parse_url(self.url)
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        if (
+            self.fast is not None
+            and not self.busy
+            and self.url.startswith(b"/v1/")
+            and b"?" not in self.url
+            and b"#" not in self.url
+            and self.parser.should_keep_alive()
+        ):
+            out = self.fast(self.parser.get_method().decode("ascii"), self.url.decode("latin-1"), self.headers, body)
+            if out is not None:  # answered in full, in order (nothing is queued on a connection that is not busy)
+                self._reset()
+                if self.transport is not None and not self.closing:
+                    self.transport.write(out)
+                return
+        url = httptools.parse_url(self.url)
         req = _Request(
             self.parser.get_method().decode("ascii"),
             url.path.decode("latin-1"),
@@ -176,10 +198,23 @@ class _Connection(asyncio.Protocol):
     # -- requests -----------------------------------------------------------------------------------------
     def _start(self, req: _Request) -> None:
         self.busy = True
-        self._disarm_idle()
-        task = self.loop.create_task(self._run(req))
-        self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
+        server = self.server
+        if self.loop is server.loop:
+            server.spawn(self._run(req))
+        else:  # a connection of a helper loop: the app (its state, locks, pools) lives on the server's loop
+            assert server.loop is not None
+            server.loop.call_soon_threadsafe(server.spawn, self._run(req))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    def _on_own_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on this connection's loop: transports belong to the loop that made them."""
+        if self.loop is self.server.loop:
+            fn(*args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
 
     async def _run(self, req: _Request) -> None:
         scope = {
@@ -219,21 +254,20 @@ class _Connection(asyncio.Protocol):
                 if msg.get("more_body"):
                     raise RuntimeError("the engine's HTTP front only sends whole bodies")
                 sent = True
-                t = self.transport
-                if t is not None and not self.closing:
-                    t.write(b"".join(head) + msg.get("body", b""))
+                self._on_own_loop(self._write, b"".join(head) + msg.get("body", b""))
 
         try:
             await self.app(scope, receive, send)
         except Exception:
             log.exception("unhandled error serving %s %s", req.method, req.path)
-        if not sent and self.transport is not None and not self.closing:
-            self.transport.write(_plain(500, "internal error"))
+        if not sent:
+            self._on_own_loop(self._write, _plain(500, "internal error"))
             req.keep_alive = False
-        self._finished(req)
+        self._on_own_loop(self._finished, req)
 
     def _finished(self, req: _Request) -> None:
         self.busy = False
+        self.last_io = self.loop.time()
         if self.closing or self.transport is None:
             return
         if not req.keep_alive or self.server.stopping:
@@ -244,8 +278,6 @@ class _Connection(asyncio.Protocol):
             self._start(self.queue.popleft())
             if self.read_paused and not self.write_paused and len(self.queue) < MAX_PIPELINE:
                 self._resume_reading()
-        else:
-            self._arm_idle()
 
     def _fail(self, status: int, detail: str) -> None:
         """Answer a request that cannot be parsed or is over a limit, then close (the stream is unusable)."""
@@ -268,8 +300,11 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self.idle_timer = self.loop.call_later(self.server.keep_alive, self._idle)
+        """One timer per connection, not one per request: it fires at the earliest moment the connection could
+        have been idle for the whole timeout and checks ``last_io``, re-arming itself when there was traffic."""
+        self.last_io = self.loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = self.loop.call_later(self.server.keep_alive, self._idle)
 
     def _disarm_idle(self) -> None:
         if self.idle_timer is not None:
@@ -278,9 +313,17 @@ class _Connection(asyncio.Protocol):
 
     def _idle(self) -> None:
         self.idle_timer = None
-        if not self.busy and self.transport is not None and not self.closing:
-            self.closing = True
-            self.transport.close()
+        if self.transport is None or self.closing:
+            return
+        if self.busy:  # no timeout while a request is served: the wait starts again when it is answered
+            self.idle_timer = self.loop.call_later(self.server.keep_alive, self._idle)
+            return
+        left = self.last_io + self.server.keep_alive - self.loop.time()
+        if left > 0:
+            self.idle_timer = self.loop.call_later(left, self._idle)
+            return
+        self.closing = True
+        self.transport.close()
 
     def close_if_idle(self) -> None:
         if not self.busy and not self.queue and self.transport is not None and not self.closing:
@@ -307,8 +350,11 @@ class Server:
         max_body: int,
         keep_alive: float = KEEP_ALIVE_SECONDS,
         shutdown_timeout: float = 30.0,
+        loops: int = 1,
     ) -> None:
         self.app = app
+        self.loops = max(1, loops)
+        self.lock = threading.Lock()  # guards ``connections`` (helper loops add and remove theirs)
         self.host = host
         self.port = port
         self.max_body = max_body
@@ -324,13 +370,25 @@ class Server:
         self.stopping = True
         self._stop.set()
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request's task on the server's loop (where the app lives), tracked for graceful shutdown."""
+        assert self.loop is not None
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     async def serve(self, ready: Callable[[int], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         lifespan = _Lifespan(self.app)
         await lifespan.startup()
-        server = await self.loop.create_server(
-            lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
-        )
+        helpers = [_HelperLoop(type(self.loop)) for _ in range(self.loops - 1)]
+        server: asyncio.AbstractServer | _Acceptor
+        if helpers:
+            server = _Acceptor(self, helpers)
+        else:
+            server = await self.loop.create_server(
+                lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
+            )
         self.port = server.sockets[0].getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -344,15 +402,104 @@ class Server:
         finally:
             self.stopping = True
             server.close()
-            for conn in list(self.connections):
-                conn.close_if_idle()
+            for conn in self._connections():
+                conn._on_own_loop(conn.close_if_idle)
             if self.tasks:
                 await asyncio.wait(list(self.tasks), timeout=self.shutdown_timeout)
-            for conn in list(self.connections):
+            for conn in self._connections():
                 if conn.transport is not None:
-                    conn.transport.close()
+                    conn._on_own_loop(conn.transport.close)
             await server.wait_closed()
+            for h in helpers:
+                await asyncio.get_running_loop().run_in_executor(None, h.stop)
             await lifespan.shutdown()
+
+    def _connections(self) -> list[_Connection]:
+        with self.lock:
+            return list(self.connections)
+
+
+class _HelperLoop:
+    """A second (third, ...) event loop in its own thread, serving the connections the acceptor hands it. Its
+    connections answer the fast lane (``EngineApp.fast_search``) right there, so while one loop's search runs
+    in faiss (which releases the GIL) another loop parses and answers the next request: single-query searches
+    use every core without a thread hop per request. Anything else goes to the server's loop (``_start``)."""
+
+    def __init__(self, loop_type: type[asyncio.AbstractEventLoop]) -> None:
+        self.loop = loop_type()
+        self.thread = threading.Thread(target=self._run, name="vecta-http", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _adopt(loop: asyncio.AbstractEventLoop, server: Server, sock: socket.socket) -> None:
+    """On ``loop``: serve an accepted socket there."""
+
+    async def connect() -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: _Connection(server), sock)
+        except OSError:
+            sock.close()
+
+    loop.create_task(connect())
+
+
+class _Acceptor:
+    """Accepts on the server's loop and deals connections round-robin over that loop and the helper loops
+    (balanced by construction, unlike SO_REUSEPORT's hashing). Quacks like the asyncio server it replaces."""
+
+    def __init__(self, server: Server, helpers: list[_HelperLoop]) -> None:
+        assert server.loop is not None
+        self.server = server
+        self.loop = server.loop
+        self.sock = socket.create_server((server.host, server.port), backlog=1024)
+        self.sock.setblocking(False)
+        self.sockets = [self.sock]
+        self._targets = itertools.cycle([None, *helpers])
+        self._closed = False
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: stop accepting for a moment rather than spin
+                log.warning("accept failed (%s); pausing for 0.5 s", exc)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(0.5, self._resume)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            helper = next(self._targets)
+            if helper is None:
+                _adopt(self.loop, self.server, conn)
+            else:
+                helper.loop.call_soon_threadsafe(_adopt, helper.loop, self.server, conn)
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    async def wait_closed(self) -> None:
+        return None
 
 
 class _Lifespan:
@@ -383,8 +530,16 @@ class _Lifespan:
             await asyncio.wait([self.task], timeout=5)
 
 
-def run(app: App, host: str, port: int, *, max_body: int) -> None:
+def default_loops() -> int:
+    """``VECTA_ENGINE_HTTP_LOOPS``, else one event loop per core this process may run on, at most 4."""
+    value = os.environ.get("VECTA_ENGINE_HTTP_LOOPS", "")
+    if value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def run(app: App, host: str, port: int, *, max_body: int, loops: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT on uvloop (the engine's entry point)."""
     import uvloop
 
-    uvloop.run(Server(app, host, port, max_body=max_body).serve())
+    uvloop.run(Server(app, host, port, max_body=max_body, loops=loops or default_loops()).serve())

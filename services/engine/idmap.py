@@ -20,6 +20,7 @@ Callers hold the collection's ``state_lock`` for every method.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
@@ -34,11 +35,13 @@ LIVE = np.iinfo(np.int64).max
 
 
 class PackedIds(Sequence[str]):
-    """An immutable list of ids as one UTF-8 blob and int64 end offsets: ~10 bytes per id instead of ~70."""
+    """An immutable list of ids as one UTF-8 blob and int64 end offsets: ~10 bytes per id instead of ~70. The
+    offsets are an ``array('q')``, whose items index as Python ints several times faster than numpy's (search
+    results read ids one by one)."""
 
     __slots__ = ("_blob", "_ends")
 
-    def __init__(self, blob: bytes, ends: np.ndarray) -> None:
+    def __init__(self, blob: bytes, ends: array[int]) -> None:
         self._blob = blob
         self._ends = ends
 
@@ -46,7 +49,9 @@ class PackedIds(Sequence[str]):
     def from_list(cls, ids: Iterable[str]) -> PackedIds:
         enc = [s.encode() for s in ids]
         ends = np.cumsum(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)), dtype=np.int64)
-        return cls(b"".join(enc), ends)
+        packed = array("q")
+        packed.frombytes(ends.tobytes())
+        return cls(b"".join(enc), packed)
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -63,8 +68,7 @@ class PackedIds(Sequence[str]):
         ends = self._ends
         if i < 0:
             i += len(ends)
-        start = int(ends[i - 1]) if i > 0 else 0
-        return self._blob[start : int(ends[i])].decode()
+        return self._blob[ends[i - 1] if i > 0 else 0 : ends[i]].decode()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tolist())
@@ -78,7 +82,7 @@ class PackedIds(Sequence[str]):
 
     @property
     def nbytes(self) -> int:
-        return len(self._blob) + int(self._ends.nbytes)
+        return len(self._blob) + self._ends.itemsize * len(self._ends)
 
 
 def _hashes(ids: Iterable[str], count: int) -> np.ndarray:
