@@ -167,7 +167,6 @@ class _Connection(asyncio.Protocol):
         if (
             self.fast is not None
             and not self.busy
-            and self.url.startswith(b"/v1/")
             and b"?" not in self.url
             and b"#" not in self.url
             and self.parser.should_keep_alive()

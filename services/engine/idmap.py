@@ -39,22 +39,23 @@ class PackedIds(Sequence[str]):
     offsets are an ``array('q')``, whose items index as Python ints several times faster than numpy's (search
     results read ids one by one)."""
 
-    __slots__ = ("_blob", "_ends")
+    __slots__ = ("_blob", "_offs")
 
-    def __init__(self, blob: bytes, ends: array[int]) -> None:
+    def __init__(self, blob: bytes, offs: array[int]) -> None:
         self._blob = blob
-        self._ends = ends
+        self._offs = offs  # n + 1 offsets: id i is blob[offs[i]:offs[i + 1]]
 
     @classmethod
     def from_list(cls, ids: Iterable[str]) -> PackedIds:
         enc = [s.encode() for s in ids]
-        ends = np.cumsum(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)), dtype=np.int64)
+        offs = np.zeros(len(enc) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, enc), dtype=np.int64, count=len(enc)), out=offs[1:])
         packed = array("q")
-        packed.frombytes(ends.tobytes())
+        packed.frombytes(offs.tobytes())
         return cls(b"".join(enc), packed)
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return len(self._offs) - 1
 
     @overload
     def __getitem__(self, i: int) -> str: ...
@@ -63,26 +64,30 @@ class PackedIds(Sequence[str]):
     def __getitem__(self, i: slice) -> list[str]: ...
 
     def __getitem__(self, i: int | slice) -> Any:
+        if type(i) is int and i >= 0:  # the hot path (search results)
+            o = self._offs
+            return self._blob[o[i] : o[i + 1]].decode()
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        ends = self._ends
-        if i < 0:
-            i += len(ends)
-        return self._blob[ends[i - 1] if i > 0 else 0 : ends[i]].decode()
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError("id index out of range")
+        return self[j]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tolist())
 
     def tolist(self) -> list[str]:
         blob, out, start = self._blob, [], 0
-        for end in self._ends.tolist():
+        for end in self._offs.tolist()[1:]:
             out.append(blob[start:end].decode())
             start = end
         return out
 
     @property
     def nbytes(self) -> int:
-        return len(self._blob) + self._ends.itemsize * len(self._ends)
+        return len(self._blob) + self._offs.itemsize * len(self._offs)
 
 
 def _hashes(ids: Iterable[str], count: int) -> np.ndarray:
@@ -173,10 +178,8 @@ class IdMap:
 
     def swap(self, old_seg_nos: set[int], new: Segment | None) -> None:
         """A build replaced the segments ``old_seg_nos`` by ``new`` (its live rows; None if nothing was live)."""
-        if self.recent:
-            gone = [rid for rid, loc in self.recent.items() if (loc >> SEG_SHIFT) in old_seg_nos]
-            for rid in gone:
-                del self.recent[rid]
+        if self.recent:  # a new dict: deleting keys never shrinks one (100k entries keep ~5 MiB of table)
+            self.recent = {rid: loc for rid, loc in self.recent.items() if (loc >> SEG_SHIFT) not in old_seg_nos}
         keep = ~np.isin(self._locs >> SEG_SHIFT, np.fromiter(old_seg_nos, dtype=np.int64, count=len(old_seg_nos)))
         hs, ls = [self._hashes[keep]], [self._locs[keep]]
         if new is not None and new.n:

@@ -2,7 +2,9 @@
 
 A small ASGI app stands in for the engine so that each HTTP behaviour is checked on its own: keep-alive,
 pipelining in order, chunked bodies, Expect: 100-continue, limits (413/414/431) answered before the body is read,
-malformed requests (400), Connection: close, a failing app (500, connection closed), graceful shutdown, lifespan.
+malformed requests (400), Connection: close, a failing app (500, connection closed), graceful shutdown, lifespan;
+the app's synchronous fast lane; and all of it again with helper event loops (connections dealt round-robin over
+two loops, the app living on the first).
 """
 
 from __future__ import annotations
@@ -24,10 +26,20 @@ MAX_BODY = 1000
 
 
 class EchoApp:
-    """Echoes method, path, query, body length and a header; /slow sleeps; /boom raises."""
+    """Echoes method, path, query, body length and a header; /slow sleeps; /boom raises; POST /fast/... is
+    answered by the fast lane (with the name of the thread that answered)."""
 
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.fast_threads: set[str] = set()
+
+    def fast_search(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes | None:
+        if method != "POST" or not path.startswith("/fast/"):
+            return None
+        name = threading.current_thread().name
+        self.fast_threads.add(name)
+        out = orjson.dumps({"fast": True, "path": path, "len": len(body), "thread": name})
+        return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b" % (len(out), out)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -75,7 +87,7 @@ def _serving(app: EchoApp, **kw: Any) -> Iterator[tuple[int, Server]]:
     def run() -> None:
         asyncio.run(srv.serve(lambda p: (port.append(p), ready.set())))
 
-    th = threading.Thread(target=run, daemon=True)
+    th = threading.Thread(target=run, daemon=True, name="front-main")
     th.start()
     assert ready.wait(10)
     try:
@@ -87,12 +99,13 @@ def _serving(app: EchoApp, **kw: Any) -> Iterator[tuple[int, Server]]:
         assert not th.is_alive()
 
 
-@pytest.fixture(scope="module")
-def front() -> Iterator[tuple[int, EchoApp, Server]]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-loop", "2-loops"])
+def front(request: pytest.FixtureRequest) -> Iterator[tuple[int, EchoApp, Server]]:
     app = EchoApp()
-    with _serving(app, keep_alive=5.0) as (port, srv):
+    with _serving(app, keep_alive=5.0, loops=request.param) as (port, srv):
         yield port, app, srv
     assert app.events == ["startup", "shutdown"]
+    assert not any(t.name == "vecta-http" for t in threading.enumerate())  # helper loops stopped and joined
 
 
 def _conn(port: int) -> socket.socket:
@@ -222,14 +235,17 @@ def test_app_error_is_a_500_and_the_server_keeps_serving(front: tuple[int, EchoA
         assert _read_response(s, bytearray())[0] == 200
 
 
-def test_a_request_that_stops_arriving_is_closed_after_the_idle_timeout() -> None:
-    with _serving(EchoApp(), keep_alive=0.3) as (port, _), _conn(port) as s:
-        s.sendall(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+@pytest.mark.parametrize("loops", [1, 2])
+def test_a_request_that_stops_arriving_is_closed_after_the_idle_timeout(loops: int) -> None:
+    with _serving(EchoApp(), keep_alive=0.3, loops=loops) as (port, _), _conn(port) as s, _conn(port) as s2:
+        for c in (s, s2):  # with two loops: one connection on each
+            c.sendall(b"POST /half HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
         for _ in range(3):  # still arriving: kept open past the timeout
             time.sleep(0.15)
             s.sendall(b"d")
+            s2.sendall(b"d")
         started = time.monotonic()
-        assert _closed(s)  # then it stops: closed, with no answer
+        assert _closed(s) and _closed(s2)  # then it stops: closed, with no answer
         assert time.monotonic() - started < 4
 
 
@@ -244,16 +260,46 @@ def test_client_gone_mid_request_does_not_hurt_others(front: tuple[int, EchoApp,
         assert _read_response(s2, bytearray())[0] == 200
 
 
-def test_graceful_shutdown_finishes_in_flight_requests() -> None:
+@pytest.mark.parametrize("loops", [1, 2])
+def test_graceful_shutdown_finishes_in_flight_requests(loops: int) -> None:
     app = EchoApp()
-    with _serving(app) as (port, srv):
-        with _conn(port) as s:
+    with _serving(app, loops=loops) as (port, srv):
+        with _conn(port) as s, _conn(port) as s2:  # with two loops: one connection on each
             s.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            s2.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
             time.sleep(0.05)
             assert srv.loop is not None
             srv.loop.call_soon_threadsafe(srv.stop)
             assert _read_response(s, bytearray())[0] == 200
-            assert _closed(s)
+            assert _read_response(s2, bytearray())[0] == 200
+            assert _closed(s) and _closed(s2)
     assert app.events == ["startup", "shutdown"]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_fast_lane_in_order_and_on_every_loop(front: tuple[int, EchoApp, Server]) -> None:
+    """The fast lane answers on the loop that read the request (each loop's own thread); a request pipelined
+    behind a slow one waits its turn and goes through the app, so responses stay in order."""
+    port, app, srv = front
+    app.fast_threads.clear()
+    conns = [_conn(port) for _ in range(4)]
+    try:
+        for i, s in enumerate(conns):
+            buf = bytearray()
+            s.sendall(b"POST /fast/%d HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab" % i)
+            status, _, out = _read_response(s, buf)
+            assert status == 200 and orjson.loads(out)["fast"] is True and orjson.loads(out)["len"] == 2
+            s.sendall(
+                b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /fast/behind HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nz"
+                b"POST /fast/last?q=1 HTTP/1.1\r\nHost: x\r\n\r\n"  # a query string: never the fast lane
+            )
+            answers = [orjson.loads(_read_response(s, buf)[2]) for _ in range(3)]
+            assert [a["path"] for a in answers] == ["/slow", "/fast/behind", "/fast/last"]
+            assert "fast" not in answers[1] and answers[1]["len"] == 1 and answers[2]["query"] == "q=1"
+    finally:
+        for s in conns:
+            s.close()
+    expected = {"front-main"} if srv.loops == 1 else {"front-main", "vecta-http"}
+    assert app.fast_threads == expected

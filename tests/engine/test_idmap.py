@@ -66,3 +66,11 @@ def test_id_map_agrees_with_a_dict_through_builds_and_restarts(make_engine, monk
     check(coll)
     eng.wait_ready()
     check(coll)
+
+
+def test_packed_ids_index_errors() -> None:
+    p = PackedIds.from_list(["a", "b"])
+    assert p[1] == "b" and p[-2] == "a"
+    for bad in (2, -3):
+        with pytest.raises(IndexError):
+            p[bad]
