@@ -4,15 +4,16 @@ A dict of 100,000 string ids to row numbers costs ~15 MiB in CPython (the dict, 
 id): about 10 % of what a 100k x 384 HNSW collection needs in all. Here a sealed segment keeps its ids as one
 UTF-8 blob plus offsets, and the map from id to location has two tiers:
 
-- ``recent``: a dict for rows of segments not yet built (the growing one and sealed ones waiting for their
-  index): what writes touch;
-- ``frozen``: for built segments, two sorted numpy arrays: the ids' hashes and their locations. A lookup hashes
-  the id, binary-searches the hashes and accepts a candidate only if the row is live and its stored id is the
-  one asked for (so hash collisions and rows deleted or replaced since are both harmless).
+- ``recent``: a dict for the rows of the growing segment: what writes touch;
+- ``frozen``: for sealed and built segments, two sorted numpy arrays: the ids' hashes and their locations. A
+  lookup hashes the id, binary-searches the hashes and accepts a candidate only if the row is live and its stored
+  id is the one asked for (so hash collisions and rows deleted or replaced since are both harmless).
 
 Deleting or replacing a record marks its row dead in its segment (as before); that alone hides a frozen entry,
-so deletes never add to the map. When a build swaps segments in, their entries move from ``recent`` and the old
-segments' frozen entries to frozen entries of the new segment (``swap``).
+so deletes never add to the map. A seal moves the sealed segment's entries from ``recent`` to the arrays and
+packs its ids (``freeze``): its 100k str objects die then, before the index build allocates objects that outlive
+it and would otherwise pin the allocator's arenas they share (~15 MiB per 100k rows). A build swapping segments
+in replaces the old segments' entries by the new segment's (``swap``).
 
 Hashes are Python's ``hash(str)``: salted per process, which is fine for a structure rebuilt on every start.
 Callers hold the collection's ``state_lock`` for every method.
@@ -187,6 +188,25 @@ class IdMap:
             hs.append(h)
             ls.append(loc)
         self._set_frozen(hs, ls)
+
+    def freeze(self, seg: Segment, lock: Any) -> None:
+        """``seg`` was just sealed (no more rows): pack its ids and move its live rows from the dict tier to the
+        array tier. The caller holds the collection's write lock (nothing changes meanwhile); ``lock`` (its
+        state lock) is taken only to publish the result."""
+        ids = seg.ids
+        if isinstance(ids, PackedIds) or not seg.n:
+            return
+        seg_no = seg.seg_no
+        recent = {rid: loc for rid, loc in self.recent.items() if (loc >> SEG_SHIFT) != seg_no}
+        h, loc = self._entries(seg, np.flatnonzero(seg.del_ver.view(seg.n) == LIVE))
+        hashes = np.concatenate([self._hashes, h])
+        locs = np.concatenate([self._locs, loc])
+        order = np.argsort(hashes, kind="stable")
+        packed = PackedIds.from_list(ids[: seg.n])
+        with lock:
+            seg.ids = packed
+            self.recent = recent
+            self._hashes, self._locs = hashes[order], locs[order]
 
     @staticmethod
     def _entries(seg: Segment, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -51,7 +51,17 @@ def test_id_map_agrees_with_a_dict_through_builds_and_restarts(make_engine, monk
                 for i in gone:
                     model.pop(i, None)
             check(coll)
-        coll.seal()
+        coll.seal()  # its ids move to the packed tier now, before any build
+        check(coll)
+        batch = list(dict.fromkeys(rng.choice(universe, 30).tolist()))  # replace rows of the sealed segment
+        step += 1
+        upsert(coll, [{"id": i, "vector": rng.standard_normal(4).tolist(), "metadata": {"v": step}} for i in batch])
+        model.update(dict.fromkeys(batch, step))
+        gone = batch[:5] + list(rng.choice(universe, 5))
+        assert coll.delete({"ids": list(dict.fromkeys(gone))}) == sum(1 for i in dict.fromkeys(gone) if i in model)
+        for i in gone:
+            model.pop(i, None)
+        check(coll)
         while coll.maintain():  # builds, merges, compactions: entries move between the map's tiers
             check(coll)
         # every built row is in the packed tier; the dict holds at most the (empty) growing segment's rows
