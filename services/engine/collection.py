@@ -440,6 +440,31 @@ class Collection:
             return self.parse_search(loads(body), hybrid)
         return self.parse_search(fast[0], hybrid, pre=fast[1])
 
+    def search_single(
+        self, q: np.ndarray, top_k: int, ef: int | None, nprobe: int | None, inc_m: bool, inc_v: bool
+    ) -> list[dict[str, Any]] | None:
+        """The fast lane's search: what ``parse_search`` + ``search`` give for a body ``schema.single_search``
+        accepted (same normalization, defaults and results); None when the usual path must answer (a zero
+        vector under cosine: its error)."""
+        if self.cfg.metric == "cosine":
+            norms = np.linalg.norm(q, axis=1)
+            if not (norms > 0).all():
+                return None
+            q = (q / norms[:, None]).astype(np.float32)
+        p = {
+            "q": q,
+            "multi": True,
+            "text": None,
+            "top_k": top_k,
+            "filter": None,
+            "ef": ef or self.cfg.index_params.get("ef"),
+            "nprobe": nprobe or self.cfg.index_params.get("nprobe"),
+            "include_metadata": inc_m,
+            "include_vectors": inc_v,
+            "fusion": None,
+        }
+        return self.search(p)[0]
+
     def parse_search(self, doc: Any, hybrid: bool = False, pre: np.ndarray | None = None) -> dict[str, Any]:
         """Validate a search body. ``pre``: the queries already parsed by ``schema.fast_search`` (the body's
         ``vector``/``vectors`` value is then a placeholder)."""
@@ -532,6 +557,18 @@ class Collection:
     ) -> list[list[tuple[float, Segment, int]]]:
         view = self.view()
         nq = len(q)
+        isfinite = math.isfinite
+        live = [part for part in view.parts if part[1]]
+        if flt is None and len(live) == 1 and not live[0][2]:
+            # the common case: one segment with rows, nothing deleted, no filter (what the loop below would do,
+            # without its merging)
+            seg, n, _ = live[0]
+            dist, lab = seg.search(q, k, n, None, n, ef, nprobe)
+            self.read_units += nq * max(1, -(-n // READ_UNIT_VECTORS))
+            return [
+                [(s, seg, r) for s, r in zip(drow, lrow, strict=True) if r >= 0 and isfinite(s)]
+                for drow, lrow in zip(dist.tolist(), lab.tolist(), strict=True)
+            ]
         dists: list[np.ndarray] = []
         labs: list[np.ndarray] = []
         segs: list[Segment] = []
@@ -564,7 +601,6 @@ class Collection:
         out = []
         dist_l = dist.tolist()
         lab_l = lab.tolist()
-        isfinite = math.isfinite
         for qi in range(nq):
             row = []
             for s, key in zip(dist_l[qi], lab_l[qi], strict=True):

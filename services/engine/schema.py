@@ -358,6 +358,71 @@ def _fast_records(body: bytes, dim: int) -> tuple[list[dict[str, Any]], np.ndarr
         doc = recs = r = v = val = flat = None  # release the parser's document
 
 
+_SINGLE_KEYS = frozenset({"vector", "top_k", "params", "include_metadata", "include_vectors"})
+
+
+def single_search(body: bytes, dim: int) -> tuple[np.ndarray, int, int | None, int | None, bool, bool] | None:
+    """The engine's fast lane parser: ``(query (1, dim) float32, top_k, ef, nprobe, include_metadata,
+    include_vectors)`` for the plainest search body (``vector`` and nothing but ``top_k``, ``params`` {ef,
+    nprobe}, the include flags), validated exactly as ``Collection.parse_search`` does; None for anything else,
+    anything doubtful or anything invalid (the usual path then parses it again and names the error)."""
+    if _simdjson is None or not FAST_PARSE or not body or b"\\" in body or body.count(b"[") != 1:
+        return None  # one '[': the vector's, so nothing nested in it and no strings holding one
+    try:
+        return _single_search(body, dim)
+    except Exception:
+        _drop_parser()
+        return None
+
+
+def _single_search(body: bytes, dim: int) -> tuple[np.ndarray, int, int | None, int | None, bool, bool] | None:
+    sj = _simdjson
+    assert sj is not None
+    doc: Any = _parser().parse(body)
+    v: Any = None
+    try:
+        if not isinstance(doc, sj.Object):
+            return None
+        keys = list(doc.keys())
+        if len(keys) != len(set(keys)) or not _SINGLE_KEYS.issuperset(keys) or "vector" not in keys:
+            return None
+        v = doc["vector"]
+        if not isinstance(v, sj.Array) or len(v) != dim:
+            return None
+        flat = np.frombuffer(v.as_buffer(of_type="d"), dtype=np.float64)
+        if len(flat) != dim:
+            return None
+        top_k = doc["top_k"] if "top_k" in keys else 10
+        if type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K:
+            return None
+        ef = nprobe = None
+        if "params" in keys:
+            params = doc["params"]
+            if params is None:
+                pass
+            elif not isinstance(params, sj.Object):
+                return None
+            else:
+                pd = params.as_dict()
+                if not {"ef", "nprobe"}.issuperset(pd):
+                    return None
+                ef, nprobe = pd.get("ef"), pd.get("nprobe")
+                for x in (ef, nprobe):
+                    if x is not None and (type(x) is not int or not 1 <= x <= 65_536):
+                        return None
+        inc_m = doc["include_metadata"] if "include_metadata" in keys else False
+        inc_v = doc["include_vectors"] if "include_vectors" in keys else False
+        if type(inc_m) is not bool or type(inc_v) is not bool:
+            return None
+        with np.errstate(over="ignore"):
+            q = flat.astype(np.float32).reshape(1, dim)
+        if not np.isfinite(q).all():
+            return None
+        return q, top_k, ef, nprobe, inc_m, inc_v
+    finally:
+        doc = v = None  # release the parser's document
+
+
 def fast_search(body: bytes, dim: int) -> tuple[dict[str, Any], np.ndarray] | None:
     """Fast path for search bodies: (the body with its ``vector``/``vectors`` value replaced by ``True``,
     float32 (nq, dim) queries), or None to use the orjson path. Like ``fast_records`` it only ever accepts:

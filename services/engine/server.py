@@ -47,7 +47,7 @@ from services.core.errors import (
 from .crypto import CorruptionError
 from .engine import Engine, open_store
 from .replication import Follower, Primary
-from .schema import MAX_BODY_BYTES, expect_object, loads, parse_collection, parse_upsert
+from .schema import MAX_BODY_BYTES, expect_object, loads, parse_collection, parse_upsert, single_search
 
 log = logging.getLogger("vecta.engine")
 
@@ -287,11 +287,12 @@ class EngineApp:
         if coll is None or not coll.cheap_search():
             return None
         try:
-            p = coll.parse_search_body(body)
-            q = p["q"]
-            if q is None or len(q) != 1 or p["filter"] is not None or p["multi"]:
+            parsed = single_search(body, coll.cfg.dimension)
+            if parsed is None:
                 return None
-            res = coll.search({**p, "multi": True})[0]
+            res = coll.search_single(*parsed)
+            if res is None:
+                return None
             out = orjson.dumps({"results": res}, option=orjson.OPT_SERIALIZE_NUMPY)
         except Exception:  # the usual path answers it (and names the error)
             return None

@@ -79,7 +79,13 @@ def test_fast_lane_answers_byte_for_byte_as_the_usual_path(engine: EngineProcess
     with socket.create_connection(("127.0.0.1", engine.port), timeout=10) as s:
         buf = bytearray()
         for name in (b"flatc", b"hnswc"):
-            for extra in ({}, {"top_k": 3, "include_metadata": True}, {"include_vectors": True, "params": {"ef": 50}}):
+            for extra in (
+                {},
+                {"top_k": 3, "include_metadata": True},
+                {"include_vectors": True, "params": {"ef": 50}},
+                {"params": None, "include_metadata": False, "top_k": 7},
+                {"filter": {"g": "a"}},  # not the fast lane's: the usual path both times
+            ):
                 body = orjson.dumps({"vector": rng.standard_normal(DIM).tolist(), **extra})
                 s.sendall(_request(b"/v1/collections/%s/search" % name, body))
                 fast = _response(s, buf)
@@ -99,6 +105,8 @@ def test_fast_lane_answers_byte_for_byte_as_the_usual_path(engine: EngineProcess
         (b"/v1/collections/hnswc/search", b'{"vector": [1,2,3,4,5,6,7,8], "top_k": 0}', TOKEN, b"application/json",
          400, "validation_error"),
         (b"/v1/collections/hnswc/search", b"{not json", TOKEN, b"application/json", 400, None),
+        (b"/v1/collections/hnswc/search", b'{"vector": [0,0,0,0,0,0,0,0]}', TOKEN, b"application/json", 422,
+         "invalid_vector"),  # cosine of a zero vector
         (b"/v1/collections/nope/search", b'{"vector": [1,2,3,4,5,6,7,8]}', TOKEN, b"application/json", 404,
          "collection_not_found"),
         (b"/v1/collections/hnswc/search", b'{"vector": [1,2,3,4,5,6,7,8]}', "wrong", b"application/json", 401, None),

@@ -276,3 +276,56 @@ async def test_http_concurrent_single_queries_batched_match_alone(make_engine):
     assert sum(sizes) == len(bodies) and max(sizes) > 1, sizes  # some queries did share a faiss call
     await client.aclose()
     asgi.shutdown_pools()
+
+
+SINGLE_TAKEN = [
+    b'{"vector": [1, 2, 3, 4]}',
+    b'{"vector": [0.1, -2.5e-3, 3e10, 4], "top_k": 3, "params": {"ef": 40}, "include_metadata": true}',
+    b'{"top_k": 1000, "vector": [1, 2, 3, 4], "params": null, "include_vectors": true, "include_metadata": false}',
+    b'{"vector": [1, 2, 3, 4], "params": {"nprobe": 7, "ef": 65536}}',
+]
+SINGLE_DECLINED = [
+    b'{"vector": [1, 2, 3, 4], "filter": {"genre": "a"}}',  # a key it does not handle
+    b'{"vectors": [[1, 2, 3, 4]]}',
+    b'{"vector": [1, 2, [3], 4]}',  # nested
+    b'{"vector": [1, 2, 3]}',  # wrong dimension: the usual path names it
+    b'{"vector": [1, 2, 3, 4], "vector": [1, 2, 3, 4]}',  # repeated key
+    b'{"vector": [1, 2, 3, "4"]}',
+    b'{"vector": [1, 2, 3, 1e39]}',  # beyond float32
+    b'{"vector": [1, 2, 3, 4], "top_k": 0}',
+    b'{"vector": [1, 2, 3, 4], "top_k": 2.0}',
+    b'{"vector": [1, 2, 3, 4], "top_k": true}',
+    b'{"vector": [1, 2, 3, 4], "params": {"ef": 0}}',
+    b'{"vector": [1, 2, 3, 4], "params": {"ef": 10, "x": 1}}',
+    b'{"vector": [1, 2, 3, 4], "params": [1]}',
+    b'{"vector": [1, 2, 3, 4], "include_metadata": 1}',
+    b'{"vector": [1, 2, 3, 4], "top_k": 3\\u0020}',
+    b'{"vector": [1, 2, 3, 4]',
+    b"[1, 2, 3, 4]",
+]
+
+
+@needs_simdjson
+@pytest.mark.parametrize("body", SINGLE_TAKEN)
+def test_single_search_agrees_with_parse_search(coll, body: bytes) -> None:
+    """The engine's fast lane parser takes the plainest bodies and gives exactly the usual path's query and
+    parameters (the rest of the fast lane is tested against the usual path over HTTP: test_fast_lane.py)."""
+    got = schema.single_search(body, 4)
+    assert got is not None
+    q, top_k, ef, nprobe, inc_m, inc_v = got
+    usual = coll.parse_search_body(body)
+    raw = np.array(orjson.loads(body)["vector"], dtype=np.float32).reshape(1, 4)
+    assert q.dtype == np.float32 and q.tobytes() == raw.tobytes()  # normalized later, as search_single does
+    assert (top_k, inc_m, inc_v) == (usual["top_k"], usual["include_metadata"], usual["include_vectors"])
+    assert (ef or coll.cfg.index_params.get("ef"), nprobe or coll.cfg.index_params.get("nprobe")) == (
+        usual["ef"],
+        usual["nprobe"],
+    )
+    norms = np.linalg.norm(q, axis=1)
+    assert ((q / norms[:, None]).astype(np.float32)).tobytes() == usual["q"].tobytes()
+
+
+@needs_simdjson
+@pytest.mark.parametrize("body", SINGLE_DECLINED)
+def test_single_search_declines_what_it_does_not_handle(body: bytes) -> None:
+    assert schema.single_search(body, 4) is None
