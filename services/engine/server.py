@@ -95,6 +95,16 @@ class _Metrics:
         self._lat: dict[str, Any] = {}
         self._req: dict[tuple[str, int], Any] = {}
         self.boot_id = secrets.token_hex(8)  # counters start at zero with each process: readers detect resets
+        for route in (*sorted(READ_ROUTES | WRITE_ROUTES), "collection", "collections"):
+            # made now rather than at a route's first request: made midway through a bulk load, these long-lived
+            # objects would land among its short-lived ones and keep those allocator arenas from being freed
+            self.observe_children(route, 200)
+
+    def observe_children(self, route: str, status: int) -> None:
+        if route not in self._lat:
+            self._lat[route] = self.latency.labels(route)
+        if (route, status) not in self._req:
+            self._req[(route, status)] = self.requests.labels(route, str(status))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         h = self._lat.get(route)
