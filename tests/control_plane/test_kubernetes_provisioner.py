@@ -67,7 +67,7 @@ def test_rendered_objects_are_valid_client_models() -> None:
     env = {e["name"]: e for e in engine["env"]}
     assert env["VECTA_ENGINE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": n["secret"], "key": "token"}
     assert env["VECTA_ENGINE_DATA_KEY"]["valueFrom"]["secretKeyRef"] == {"name": n["secret"], "key": "data-key"}
-    assert engine["args"][:2] == ["engine", "serve"]
+    assert engine["command"] == ["python", "-m", "services.engine"] and engine["args"][0] == "serve"
     # read replicas: pods other than 0 follow pod 0 through the headless Service that governs the StatefulSet
     assert pods["spec"]["clusterIP"] == "None" and st["spec"]["serviceName"] == n["headless"]
     assert pods["spec"]["selector"] == st["spec"]["selector"]["matchLabels"]

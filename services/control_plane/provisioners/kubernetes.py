@@ -95,8 +95,9 @@ def render(
     container = client.V1Container(
         name="engine",
         image=image,
+        # the engine's own entry point (argparse), not the image's `vecta` (typer, which loads pydantic: 11 MiB)
+        command=["python", "-m", "services.engine"],
         args=[
-            "engine",
             "serve",
             "--data-dir",
             "/data",
