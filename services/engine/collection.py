@@ -97,8 +97,9 @@ class Collection:
         self.wal: WalWriter | None = None
         self.growing: Segment
         self.last_write = time.monotonic()
-        self.read_units = 0
-        self.write_units = 0
+        self.read_units = 0  # billing's meter: searches on several threads add to it (``_add_read_units``)
+        self.write_units = 0  # under the write lock
+        self._units_lock = threading.Lock()
         self.building = False
         self.build_lock = threading.Lock()  # one build per collection at a time
         self.dropped = False
@@ -327,6 +328,10 @@ class Collection:
             self.last_write = time.monotonic()
         return count
 
+    def _add_read_units(self, n: int) -> None:
+        with self._units_lock:  # `+=` on an attribute is not atomic: concurrent searches would lose counts
+            self.read_units += n
+
     def _check_open(self) -> None:
         if self.dropped or self.wal is None:
             raise NotFound(f"collection {self.cfg.name!r} not found", code="collection_not_found")
@@ -398,7 +403,7 @@ class Collection:
             if key is None:
                 continue
             out.append(self._record(segs[key >> SEG_SHIFT], key & ROW_MASK, inc_v, inc_m))
-        self.read_units += max(1, (len(out) + 99) // 100)
+        self._add_read_units(max(1, (len(out) + 99) // 100))
         return out
 
     def query(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -426,7 +431,7 @@ class Collection:
         page = page[:limit]
         records = [self._record(seg, r, inc_v) for _, seg, r in page]
         nxt = base64.urlsafe_b64encode(page[-1][0].encode()).decode() if more and page else None
-        self.read_units += max(1, (len(records) + 99) // 100)
+        self._add_read_units(max(1, (len(records) + 99) // 100))
         return {"records": records, "next_cursor": nxt}
 
     # ------------------------------------------------------------------------------------------------------
@@ -564,7 +569,7 @@ class Collection:
             # without its merging)
             seg, n, _ = live[0]
             dist, lab = seg.search(q, k, n, None, n, ef, nprobe)
-            self.read_units += nq * max(1, -(-n // READ_UNIT_VECTORS))
+            self._add_read_units(nq * max(1, -(-n // READ_UNIT_VECTORS)))
             return [
                 [(s, seg, r) for s, r in zip(drow, lrow, strict=True) if r >= 0 and isfinite(s)]
                 for drow, lrow in zip(dist.tolist(), lab.tolist(), strict=True)
@@ -587,7 +592,7 @@ class Collection:
             dists.append(dist)
             labs.append(lab | (len(segs) << SEG_SHIFT) if segs else lab)  # -1 stays -1 for the first part
             segs.append(seg)
-        self.read_units += nq * max(1, -(-scanned // READ_UNIT_VECTORS))
+        self._add_read_units(nq * max(1, -(-scanned // READ_UNIT_VECTORS)))
         if not dists:
             return [[] for _ in range(nq)]
         dist = np.concatenate(dists, axis=1) if len(dists) > 1 else dists[0]
@@ -646,7 +651,7 @@ class Collection:
                 top = np.argpartition(-scores, k - 1)[:k]
                 rows, scores = rows[top], scores[top]
             cands.extend((float(s), seg, int(r)) for s, r in zip(scores.tolist(), rows.tolist(), strict=True))
-        self.read_units += 1
+        self._add_read_units(1)
         cands.sort(key=lambda t: -t[0])
         return cands[:k]
 

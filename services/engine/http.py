@@ -461,7 +461,8 @@ class _Acceptor:
         assert server.loop is not None
         self.server = server
         self.loop = server.loop
-        self.sock = socket.create_server((server.host, server.port), backlog=1024)
+        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+        self.sock = socket.create_server((server.host, server.port), family=family, backlog=1024)
         self.sock.setblocking(False)
         self.sockets = [self.sock]
         self._targets = itertools.cycle([None, *helpers])

@@ -161,6 +161,8 @@ def test_concurrent_connections_on_several_loops_get_the_single_connection_answe
             expected.append(_body(_response(s, buf))["results"])
     got: dict[int, list] = {}
     errors: list[BaseException] = []
+    with engine.client() as c:
+        units0 = next(x["read_units"] for x in c.get("/internal/stats").json()["collections"] if x["name"] == "hnswc")
 
     def client(k: int) -> None:
         try:
@@ -183,3 +185,6 @@ def test_concurrent_connections_on_several_loops_get_the_single_connection_answe
         t.join(60)
     assert not errors, errors
     assert [got[i] for i in range(len(bodies))] == expected
+    with engine.client() as c:  # one read unit per query (300 rows), none lost to the threads' races
+        units1 = next(x["read_units"] for x in c.get("/internal/stats").json()["collections"] if x["name"] == "hnswc")
+    assert units1 - units0 == 5 * len(bodies)
