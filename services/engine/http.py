@@ -85,6 +85,8 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []
         self.last_io = 0.0  # loop time of the last bytes read or response finished (the idle timer checks it)
         # the app's synchronous fast lane (EngineApp.fast_search), tried before a request becomes a task
         self.fast: Callable[[str, str, list[tuple[bytes, bytes]], bytes], bytes | None] | None = getattr(
@@ -93,10 +95,12 @@ class _Connection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        # the lists are the connection's own, cleared rather than replaced: made during a bulk load, new ones would
+        # outlive it and pin the allocator arenas its short-lived objects used (a request keeps a copy)
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers.clear()
         self.header_bytes = 0
-        self.chunks: list[bytes] = []
+        self.chunks.clear()
         self.size = 0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class _Connection(asyncio.Protocol):
             self.parser.get_method().decode("ascii"),
             url.path.decode("latin-1"),
             url.query or b"",
-            self.headers,
+            list(self.headers),  # a copy: the connection clears its own list for the next request
             body,
             self.parser.should_keep_alive(),
         )
@@ -401,10 +405,22 @@ class Server:
         finally:
             self.stopping = True
             server.close()
+            loop = self.loop
+            if helpers:  # sockets already handed to a helper loop become connections there
+                await asyncio.sleep(0.05)
             for conn in self._connections():
                 conn._on_own_loop(conn.close_if_idle)
-            if self.tasks:
-                await asyncio.wait(list(self.tasks), timeout=self.shutdown_timeout)
+            # wait for requests in flight: a helper loop's request is busy on its connection before its task
+            # exists on this loop, so the connections are watched as well as the tasks
+            deadline = loop.time() + self.shutdown_timeout
+            while loop.time() < deadline:
+                pending = list(self.tasks)
+                if pending:
+                    await asyncio.wait(pending, timeout=deadline - loop.time())
+                elif any(c.busy or c.queue for c in self._connections()):
+                    await asyncio.sleep(0.01)
+                else:
+                    break
             for conn in self._connections():
                 if conn.transport is not None:
                     conn._on_own_loop(conn.transport.close)
