@@ -108,9 +108,6 @@ class IdMap:
     def __len__(self) -> int:
         return self._count
 
-    def __contains__(self, rid: object) -> bool:
-        return isinstance(rid, str) and self.get(rid) is not None
-
     @property
     def nbytes(self) -> int:
         return int(self._hashes.nbytes + self._locs.nbytes) + 100 * len(self.recent)
@@ -155,7 +152,7 @@ class IdMap:
 
     # --- writes -------------------------------------------------------------------------------------------
     def put(self, rid: str, loc: int, old: int | None) -> None:
-        """``rid`` now lives at ``loc`` (a row of a segment not yet built); ``old`` is what ``get`` gave."""
+        """``rid`` now lives at ``loc`` (a row of the growing segment); ``old`` is what ``get`` gave."""
         self.recent[rid] = loc
         if old is None:
             self._count += 1

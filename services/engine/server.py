@@ -108,12 +108,11 @@ class _Metrics:
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         h = self._lat.get(route)
-        if h is None:
-            h = self._lat[route] = self.latency.labels(route)
-        h.observe(seconds)
         c = self._req.get((route, status))
-        if c is None:
-            c = self._req[(route, status)] = self.requests.labels(route, str(status))
+        if h is None or c is None:
+            self.observe_children(route, status)
+            h, c = self._lat[route], self._req[(route, status)]
+        h.observe(seconds)
         c.inc()
 
     def request_stats(self) -> dict[str, Any]:
