@@ -407,6 +407,11 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+# settings a benchmark run may set for the API it starts (to compare with a feature off); every other VECTA_* is
+# dropped so that a developer's environment does not change what is measured
+PASSED_SETTINGS = frozenset({"VECTA_DATAPLANE_FAST_LANE"})
+
+
 def start_vecta_up(prefix: str) -> tuple[subprocess.Popen, int, Path]:
     """`vecta up` on a free loopback port with a fresh home and unlimited data-plane rates, in its own session
     (stop_process signals the group: `vecta up`, its Celery worker and its engines). Returns (process, port, home)
@@ -415,7 +420,7 @@ def start_vecta_up(prefix: str) -> tuple[subprocess.Popen, int, Path]:
 
     home = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_") or k in PASSED_SETTINGS}
     env.update(VECTA_LOG_LEVEL="WARNING", VECTA_DATAPLANE_RATE_PER_KEY="1e9", VECTA_DATAPLANE_RATE_PER_CLUSTER="1e9")
     up = subprocess.Popen(
         [PY, "-m", "services.cli", "up", "--host", "127.0.0.1", "--port", str(port), "--home", str(home)],

@@ -142,6 +142,8 @@ def up(
             log_level="warning",
             access_log=False,
             server_header=False,
+            # uvicorn's httptools protocol with the edge's fast lane (services/api/fast_lane.py), or without it
+            http="services.api.fast_lane:EdgeProtocol" if settings.dataplane_fast_lane else "httptools",
         )
     finally:
         for child in children:

@@ -14,6 +14,7 @@ parsing; their OpenAPI description is added by ``openapi_paths()``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -30,7 +31,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from services.api.edge_client import EngineClient, EngineResponse, EngineUnreachable, RequestBodyError
+from services.api.edge_client import (
+    Connection,
+    EngineClient,
+    EngineResponse,
+    EngineUnreachable,
+    RequestBodyError,
+)
 from services.api.middleware import observe, request_id_from
 from services.auth.authenticate import Authenticator
 from services.auth.subject import AuthSubject
@@ -53,13 +60,14 @@ from services.core.errors import (
     problem_for_status,
 )
 from services.core.ids import new_id
-from services.core.kv import KV
+from services.core.kv import KV, MemoryKV
 from services.core.request_context import RequestContext, reset_request, set_request
 from services.core.settings import get_settings
 
 READ_ACTIONS = {"search": "data:read", "hybrid-search": "data:read", "fetch": "data:read", "query": "data:read",
                 "count": "data:read"}  # fmt: skip
 WRITE_ACTIONS = {"upsert": "data:write", "delete": "data:write", "imports": "data:write"}
+FAST_ACTIONS = {k.encode(): v for k, v in READ_ACTIONS.items()}  # reads: safe to send again on the usual path
 PROBLEM_CONTENT_TYPE_B = PROBLEM_CONTENT_TYPE.encode()
 REPLICA_DOWN_SECONDS = 2.0  # a read replica that failed a read gets no reads for this long
 log = logging.getLogger(__name__)
@@ -72,6 +80,15 @@ def _readers(primary: str | None, state: Any) -> tuple[str, ...]:
         return ()
     urls = [r["url"] for r in replicas if isinstance(r, dict) and isinstance(r.get("url"), str)]
     return (primary, *urls) if urls else ()
+
+
+@dataclass(slots=True)
+class FastTarget:
+    route: ClusterRoute
+    member: str
+    conn: Connection
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
@@ -108,10 +125,82 @@ class Edge:
         self._routes: dict[str, tuple[float, ClusterRoute | None]] = {}
         self._turn = 0  # round-robin over a cluster's readers
         self._down: dict[str, float] = {}  # reader URL -> monotonic time until which it is skipped
+        self.fast_forwarded = 0  # requests sent by the fast lane (services/api/fast_lane.py)
+        self._refreshing: set[str] = set()  # clusters whose route is being looked up again in the background
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         await self.engine.close()
         await self.session.close()
+
+    # -- the fast lane (services/api/fast_lane.py) --------------------------------------------------------
+    def fast_target(self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> FastTarget | None:
+        """Everything the fast lane needs to forward one read now, or None when any of it is not at hand
+        without waiting or is not plainly allowed: a read (``FAST_ACTIONS``) on a plain collection name, a bearer
+        whose verification is cached, a cached RUNNING route, the privilege, the rate limits of the in-process
+        store (Redis answers asynchronously), an idle connection to the engine. A None sends the request down
+        the usual path (``dispatch``), which gives every error its answer: the fast lane never answers one."""
+        kv = self.kv
+        if not isinstance(kv, MemoryKV):
+            return None
+        parts = url.split(b"/")  # b"", v1, clusters, {id}, collections, {name}, {action}
+        if len(parts) != 7 or parts[4] != b"collections" or len(body) > self.max_body:
+            return None
+        privilege = FAST_ACTIONS.get(parts[6])
+        if privilege is None or not _PLAIN_NAME.match(parts[5]):
+            return None
+        authorization = content_type = None
+        for name, value in headers:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-type":
+                content_type = value
+        if authorization is None or authorization[:7].lower() != b"bearer ":
+            return None
+        subject = self.authenticator.cached(authorization[7:].strip().decode("latin-1"))
+        if subject is None:
+            return None
+        cluster_id = parts[3].decode("latin-1")
+        hit = self._routes.get(cluster_id)
+        now = time.monotonic()
+        if hit is None or hit[0] <= now:
+            return None
+        if hit[0] - now < 0.5:
+            self._refresh_route(cluster_id)
+        route = hit[1]
+        if route is None or route.status != "RUNNING" or not route.engine_url:
+            return None
+        if privilege not in subject.cluster_privileges(route.org_id, route.project_id, route.id):
+            return None
+        window = int(time.time())
+        key_c = f"rl:c:{route.id}:{window}"
+        key_k = f"rl:k:{subject.id}:{window}" if subject.kind == "api_key" else None
+        if kv.peek(key_c) >= self.rate_cluster or (key_k is not None and kv.peek(key_k) >= self.rate_key):
+            return None
+        member = self._reader(route) if route.readers else route.engine_url
+        assert member is not None
+        conn = self.engine.take(member)
+        if conn is None:
+            return None
+        kv.incr_now(key_c, 2)
+        if key_k is not None:
+            kv.incr_now(key_k, 2)
+        engine_headers = [
+            (b"authorization", b"Bearer " + route.token.encode()),
+            (b"x-vecta-public-prefix", b"/v1/clusters/" + route.id.encode()),
+            (b"content-type", content_type or b"application/json"),
+        ]
+        target = b"/v1/collections/" + parts[5] + b"/" + parts[6]
+        self.fast_forwarded += 1
+        return FastTarget(route, member, conn, target, engine_headers)
+
+    def fast_failed(self, target: FastTarget, exc: BaseException | None) -> None:
+        """A fast-lane forward failed (``exc``) or met a read replica not in sync (None): what the usual path
+        does about it, before the request goes down that path."""
+        if target.member != target.route.engine_url:
+            self._replica_failed(target.member, target.route)
+        elif isinstance(exc, EngineUnreachable):
+            self.invalidate(target.route.id)
 
     def invalidate(self, cluster_id: str | None = None) -> None:
         if cluster_id is None:
@@ -124,6 +213,10 @@ class Edge:
         hit = self._routes.get(cluster_id)
         if hit is not None and hit[0] > now:
             return hit[1]
+        return await self._lookup(cluster_id)
+
+    async def _lookup(self, cluster_id: str) -> ClusterRoute | None:
+        now = time.monotonic()
         route = None
         async with self.db.session() as session:
             c = await session.get(Cluster, cluster_id)
@@ -138,6 +231,24 @@ class Edge:
         ttl = 1.0 if route is None or route.status == Status.RUNNING.value else 0.1
         self._routes[cluster_id] = (now + ttl, route)
         return route
+
+    def _refresh_route(self, cluster_id: str) -> None:
+        """Look the route up again in the background (the fast lane, half-way through its TTL): a cluster in
+        steady use keeps its route cached, and no request waits for the database. No entry outlives its TTL."""
+        if cluster_id in self._refreshing:
+            return
+        self._refreshing.add(cluster_id)
+        task = asyncio.get_running_loop().create_task(self._lookup_quietly(cluster_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lookup_quietly(self, cluster_id: str) -> None:
+        try:
+            await self._lookup(cluster_id)
+        except Exception:  # the database is unavailable: the entry expires, the usual path answers
+            log.exception("could not look cluster %s up again", cluster_id)
+        finally:
+            self._refreshing.discard(cluster_id)
 
     async def rate_limit(self, subject: AuthSubject, cluster_id: str) -> None:
         window = int(time.time())
@@ -451,7 +562,8 @@ DATAPLANE_PREFIX = "/v1/clusters/{cluster_id}/collections"
 
 
 _DATAPLANE_PATH = re.compile(r"^/v1/clusters/([^/]+)/collections(/.*)?$")
-_PLAIN_PATH = re.compile(r"^[A-Za-z0-9/._~-]*$")  # forwarded as is; anything else is percent-encoded again
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9/._~-]*$")
+_PLAIN_NAME = re.compile(rb"^[A-Za-z0-9._~-]+$")  # forwarded as is; anything else is percent-encoded again
 _METHODS = frozenset({"GET", "POST", "DELETE"})
 
 

@@ -24,13 +24,28 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
 _RELAY = frozenset({b"content-type", b"retry-after"})  # the engine's headers the edge passes on
 _JOIN_LIMIT = 64 << 10  # bodies up to this size are joined to the head (one buffer, one write)
+
+
+class Sink(Protocol):
+    """Where an answer goes for a request sent with ``EngineClient.try_send`` (the edge's fast lane): called on the
+    event loop from the connection's parser callbacks, with no task or future in between. Exactly one of ``done``
+    and ``failed`` ends every request; ``start``/``chunk`` come first when the answer is larger than the buffer
+    limit (it is relayed as it arrives, and ``done`` then gets ``body=None``)."""
+
+    def done(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None) -> None: ...
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None: ...
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def failed(self, exc: BaseException) -> None: ...
 
 
 class EngineUnreachable(Exception):
@@ -59,7 +74,7 @@ class EngineResponse:
         self.status = status
         self.headers = headers
         self.body = body  # None: streamed, read it with stream()
-        self._conn: _Connection | None = conn
+        self._conn: Connection | None = conn
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The body in pieces (for answers larger than the buffer limit); the connection goes back to the pool
@@ -83,7 +98,7 @@ class EngineResponse:
             self._conn = None
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One keep-alive connection to an engine; one request at a time."""
 
     def __init__(self, pool: _HostPool) -> None:
@@ -111,13 +126,17 @@ class _Connection(asyncio.Protocol):
         self.writing = False
         self.write_paused = False  # the transport's write buffer is above its high-water mark
         self.drain_waiter: asyncio.Future[None] | None = None
+        # a request of the fast lane (``send_to``): its answer goes to the sink, not to a future
+        self.sink: Sink | None = None
+        self.relaying = False  # the sink has been given the head of a large answer and gets its body piecewise
+        self.length: int | None = None  # the answer's Content-Length (for relaying it)
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None and not self.streaming:  # nothing asked: an engine must not answer unasked
+        if self.waiter is None and not self.streaming and self.sink is None:  # an engine must not answer unasked
             self.abort()
             return
         try:
@@ -156,11 +175,27 @@ class _Connection(asyncio.Protocol):
         name = name.lower()
         if name in _RELAY:
             self.headers.append((name, value))
+        elif name == b"content-length" and value.isdigit():
+            self.length = int(value)
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            if self.relaying:
+                sink.chunk(body)
+                return
+            self.body.append(body)
+            self.size += len(body)
+            if self.size > self.pool.client.buffer_limit:  # too large to hold: relayed as it arrives
+                self.relaying = True
+                sink.start(self.status, self.headers, self.length)
+                for piece in self.body:
+                    sink.chunk(piece)
+                self.body = []
+            return
         if self.streaming:
             self.chunks.append(body)
             self.size += len(body)
@@ -186,6 +221,16 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            body: bytes | None = None
+            if not self.relaying:
+                body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+            self._release()
+            self.pool.slot_freed()
+            sink.done(self.status, self.headers, body)
+            return
         if self.streaming:
             self._wake_reader()
             return
@@ -198,12 +243,26 @@ class _Connection(asyncio.Protocol):
 
     # -- the request -------------------------------------------------------------------------------------
     def _begin(self) -> asyncio.Future[EngineResponse]:
-        self.status, self.headers, self.body, self.size = 0, [], [], 0
-        self.complete = self.keep_alive = self.streaming = self.paused = False
-        self.error = None
-        self.chunks.clear()
+        self._clear()
         waiter = self.waiter = self.loop.create_future()
         return waiter
+
+    def _clear(self) -> None:
+        self.status, self.headers, self.body, self.size, self.length = 0, [], [], 0, None
+        self.complete = self.keep_alive = self.streaming = self.paused = self.relaying = False
+        self.error = None
+        self.chunks.clear()
+
+    def send_to(self, sink: Sink, head: bytes, body: bytes, timeout: float) -> None:
+        """Send a request whose answer goes to ``sink`` (see ``Sink``); the caller has counted it in flight."""
+        assert self.transport is not None
+        self._clear()
+        self.sink = sink
+        self.timer = self.loop.call_later(timeout, self._timed_out)
+        if len(body) <= _JOIN_LIMIT:
+            self.transport.write(head + body)
+        else:
+            self.transport.writelines((head, body))
 
     def begin_streamed(self, head: bytes) -> asyncio.Future[EngineResponse]:
         """Write the head of a request whose body follows in pieces (``write_body``); the answer timer starts
@@ -240,6 +299,12 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            self.pool.slot_freed()
+            sink.failed(exc)
+            return
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
@@ -314,7 +379,7 @@ class _HostPool:
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if scheme == "https" else None
         default = 443 if scheme == "https" else 80
         self.host_header = (host if port == default else f"{host}:{port}").encode("idna")
-        self.idle: list[_Connection] = []
+        self.idle: list[Connection] = []
         self.in_flight = 0  # requests sent and not yet answered (at most client.limit_per_host)
         self.waiters: deque[asyncio.Future[None]] = deque()
 
@@ -340,7 +405,7 @@ class _HostPool:
                 waiter.set_result(None)
                 break
 
-    async def acquire(self) -> _Connection:
+    async def acquire(self) -> Connection:
         """An idle connection (the most recently used) or a new one, for one request."""
         now = time.monotonic()
         while self.idle:
@@ -350,21 +415,31 @@ class _HostPool:
             conn.abort()
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl),
+                self.loop.create_connection(lambda: Connection(self), self.host, self.port, ssl=self.ssl),
                 self.client.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
             raise EngineUnreachable(f"cannot connect to the engine: {exc!r}", never_sent=True) from exc
         return conn
 
-    def release(self, conn: _Connection) -> None:
+    def take_idle(self) -> Connection | None:
+        """An idle connection (the most recently used) without waiting, or None."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < self.client.idle_seconds:
+                return conn
+            conn.abort()
+        return None
+
+    def release(self, conn: Connection) -> None:
         if len(self.idle) >= self.client.max_idle_per_host:
             conn.abort()
             return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
-    def forget(self, conn: _Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         try:
             self.idle.remove(conn)
         except ValueError:
@@ -429,6 +504,27 @@ class EngineClient:
         finally:
             pool.slot_freed()
 
+    def take(self, base_url: str) -> Connection | None:
+        """An idle keep-alive connection to ``base_url``, counted in flight, when one can be had without waiting;
+        else None. For the edge's fast lane: ``send_on`` sends over it (``give_back`` returns it unused)."""
+        pool = self._pools.get(base_url)
+        if pool is None or pool.in_flight >= self.limit_per_host:
+            return None
+        conn = pool.take_idle()
+        if conn is not None:
+            pool.in_flight += 1
+        return conn
+
+    def give_back(self, conn: Connection) -> None:
+        conn.pool.slot_freed()
+        conn.pool.release(conn)
+
+    def send_on(
+        self, conn: Connection, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, sink: Sink
+    ) -> None:
+        """Send a request over ``conn`` (from ``take``); its answer, or its failure, goes to ``sink``."""
+        conn.send_to(sink, _head(method, target, conn.pool.host_header, headers, len(body)), body, self.timeout)
+
     async def request_streamed(
         self,
         method: str,
@@ -465,7 +561,7 @@ class EngineClient:
             pool.slot_freed()
 
     async def _write_body(
-        self, conn: _Connection, waiter: asyncio.Future[EngineResponse], length: int, body: AsyncIterable[bytes]
+        self, conn: Connection, waiter: asyncio.Future[EngineResponse], length: int, body: AsyncIterable[bytes]
     ) -> None:
         transport = conn.transport
         assert transport is not None

@@ -105,15 +105,59 @@ def key_secret_matches(key: ApiKey, secret: str, now: dt.datetime) -> Literal["c
 
 
 class Authenticator:
+    """Verifies bearers (API keys, console access tokens) and caches each verification for at most
+    ``VECTA_AUTH_CACHE_TTL_SECONDS`` (1 s: a revocation or a role change takes effect within it). ``cached`` (the
+    edge's fast lane) verifies a bearer again in the background once half of that has passed, so a key in steady
+    use never falls out of the cache and never waits for the database, while no entry is older than the TTL."""
+
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._cache: dict[str, tuple[float, AuthSubject]] = {}
+        self._cache: dict[str, tuple[float, AuthSubject, float]] = {}  # hash -> (expires, subject, refresh from)
+        self._refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._last_used: dict[str, dt.datetime] = {}
         self._flush_lock = asyncio.Lock()
 
     def invalidate(self) -> None:
         """Forget every cached subject (after a revocation or a role change in this process)."""
         self._cache.clear()
+
+    def cached(self, token: str) -> AuthSubject | None:
+        """The subject for ``token`` when a verification of it is cached and still fresh, else None (without
+        waiting: the edge's fast lane; ``authenticate`` verifies)."""
+        cache_key = token_hash(token)
+        hit = self._cache.get(cache_key)
+        now = time.monotonic()
+        if hit is None or hit[0] <= now:
+            return None
+        subject = hit[1]
+        if now >= hit[2] and cache_key not in self._refreshing:
+            self._refreshing.add(cache_key)
+            task = asyncio.get_running_loop().create_task(self._refresh(token, cache_key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if subject.kind == "api_key":
+            self._last_used[subject.id] = utcnow()
+        return subject
+
+    async def _refresh(self, token: str, cache_key: str) -> None:
+        try:
+            now = time.monotonic()
+            subject, valid_for = await self._verify(token)
+            self._remember(cache_key, subject, valid_for, now)
+        except Unauthorized:
+            self._cache.pop(cache_key, None)  # revoked, expired, session ended: the next request is refused
+        except Exception:  # the database is unavailable: the entry expires as usual, and the usual path answers
+            log.exception("could not verify a cached credential again")
+        finally:
+            self._refreshing.discard(cache_key)
+
+    def _remember(self, cache_key: str, subject: AuthSubject, valid_for: float, verified_at: float) -> None:
+        ttl = min(get_settings().auth_cache_ttl_seconds, valid_for)
+        if ttl > 0:
+            if len(self._cache) > 50_000:
+                self._cache.clear()
+            self._cache[cache_key] = (verified_at + ttl, subject, verified_at + ttl / 2)
 
     async def authenticate(self, token: str) -> AuthSubject:
         cache_key = token_hash(token)
@@ -123,11 +167,7 @@ class Authenticator:
             subject = hit[1]
         else:
             subject, valid_for = await self._verify(token)
-            ttl = min(get_settings().auth_cache_ttl_seconds, valid_for)
-            if ttl > 0:
-                if len(self._cache) > 50_000:
-                    self._cache.clear()
-                self._cache[cache_key] = (now_mono + ttl, subject)
+            self._remember(cache_key, subject, valid_for, now_mono)
         if subject.kind == "api_key":
             self._last_used[subject.id] = utcnow()
         return subject

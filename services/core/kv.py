@@ -3,7 +3,6 @@ the embedded default (one API process). Used for login throttling and rate limit
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Protocol
 
@@ -25,7 +24,6 @@ class KV(Protocol):
 class MemoryKV:
     def __init__(self) -> None:
         self._data: dict[str, tuple[int, float]] = {}
-        self._lock = asyncio.Lock()
 
     def _live(self, key: str) -> tuple[int, float] | None:
         item = self._data.get(key)
@@ -37,14 +35,21 @@ class MemoryKV:
         return item
 
     async def incr(self, key: str, ttl_seconds: int) -> int:
-        async with self._lock:
-            item = self._live(key)
-            value, deadline = item if item else (0, time.monotonic() + ttl_seconds)
-            self._data[key] = (value + 1, deadline)
-            if len(self._data) > 100_000:
-                for k in [k for k, (_, d) in self._data.items() if d <= time.monotonic()]:
-                    del self._data[k]
-            return value + 1
+        return self.incr_now(key, ttl_seconds)  # nothing awaited: atomic on the event loop
+
+    def incr_now(self, key: str, ttl_seconds: int) -> int:
+        """``incr`` without waiting (it never needs to: the store is in this process)."""
+        item = self._live(key)
+        value, deadline = item if item else (0, time.monotonic() + ttl_seconds)
+        self._data[key] = (value + 1, deadline)
+        if len(self._data) > 100_000:
+            for k in [k for k, (_, d) in self._data.items() if d <= time.monotonic()]:
+                del self._data[k]
+        return value + 1
+
+    def peek(self, key: str) -> int:
+        item = self._live(key)
+        return item[0] if item else 0
 
     async def get_int(self, key: str) -> tuple[int, int]:
         item = self._live(key)

@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     dataplane_rate_per_key: float = Field(200.0, gt=0, description="requests per second per API key")
     dataplane_rate_per_cluster: float = Field(1000.0, gt=0, description="requests per second per cluster")
     dataplane_timeout_seconds: float = Field(30.0, gt=0)
+    dataplane_fast_lane: bool = Field(True, description="serve cached, plain reads from uvicorn's parser callbacks")
 
     # Celery. ``eager`` runs tasks inline (only for unit tests of task bodies).
     celery_eager: bool = False

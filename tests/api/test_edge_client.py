@@ -308,23 +308,23 @@ async def test_streamed_body_reaches_the_engine_while_it_is_still_arriving(peer_
 async def test_streamed_body_waits_for_the_engine_to_read(peer_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from services.api import edge_client
 
-    conns: list[edge_client._Connection] = []
-    begin = edge_client._Connection.begin_streamed
+    conns: list[edge_client.Connection] = []
+    begin = edge_client.Connection.begin_streamed
 
-    def spy(self: edge_client._Connection, head: bytes) -> asyncio.Future[edge_client.EngineResponse]:
+    def spy(self: edge_client.Connection, head: bytes) -> asyncio.Future[edge_client.EngineResponse]:
         conns.append(self)
         return begin(self, head)
 
-    monkeypatch.setattr(edge_client._Connection, "begin_streamed", spy)
+    monkeypatch.setattr(edge_client.Connection, "begin_streamed", spy)
     drains = 0
-    drain = edge_client._Connection.drain
+    drain = edge_client.Connection.drain
 
-    async def counted_drain(self: edge_client._Connection) -> None:
+    async def counted_drain(self: edge_client.Connection) -> None:
         nonlocal drains
         drains += 1
         await drain(self)
 
-    monkeypatch.setattr(edge_client._Connection, "drain", counted_drain)
+    monkeypatch.setattr(edge_client.Connection, "drain", counted_drain)
     piece = b"z" * 65536
     pieces = 400  # 25 MiB: more than the loopback socket buffers hold while the engine does not read
     go = asyncio.Event()
@@ -428,14 +428,14 @@ async def test_streamed_body_to_an_unreachable_engine_consumes_nothing() -> None
 async def test_engine_answering_before_the_body_is_written_closes_the_connection(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from services.api import edge_client
 
-    conns: list[edge_client._Connection] = []
-    begin = edge_client._Connection.begin_streamed
+    conns: list[edge_client.Connection] = []
+    begin = edge_client.Connection.begin_streamed
 
-    def spy(self: edge_client._Connection, head: bytes) -> asyncio.Future[edge_client.EngineResponse]:
+    def spy(self: edge_client.Connection, head: bytes) -> asyncio.Future[edge_client.EngineResponse]:
         conns.append(self)
         return begin(self, head)
 
-    monkeypatch.setattr(edge_client._Connection, "begin_streamed", spy)
+    monkeypatch.setattr(edge_client.Connection, "begin_streamed", spy)
 
     async def serve(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

@@ -1,0 +1,262 @@
+"""The edge's fast lane: data-plane reads forwarded from uvicorn's parser callbacks, with no task, ASGI scope or await.
+
+Why: with 8 clients on 2 cores every µs of the API's CPU per forwarded search adds ~8 µs at p50 (docs/benchmarks.md
+sections 8 and 12). On the usual path a forwarded search costs the API process ~150-175 µs of CPU: uvicorn's
+request cycle and task, the ASGI messages, the edge's awaits and futures, and the engine client's. Here the
+request is handled in ``on_message_complete`` and the engine's answer is written to the client from the engine
+connection's own ``on_message_complete``: two parser callbacks and two writes (docs/decisions/008-edge-fast-lane.md).
+
+What goes this way: a POST of one of the reads (``search``, ``hybrid-search``, ``fetch``, ``query``, ``count``) on a
+plain collection name, HTTP/1.1 keep-alive, no query string, no percent-encoding, no ``Expect``, on a connection with
+nothing else in flight, when ``Edge.fast_target`` finds everything it needs at hand (a cached verification of the
+bearer, the cluster's cached RUNNING route, the privilege, the in-process rate limits, an idle engine connection).
+Everything else, every error included, takes the usual path (``Edge.dispatch``): a request the fast lane declines is
+handed to uvicorn as if it had just been parsed, and one whose forward fails (the engine went away, timed out, or a
+read replica is not in sync) is sent down the usual path then, which retries it as it retries any read (reads are
+idempotent). So the answers are the usual path's, byte for byte, less the ordering of headers.
+
+It subclasses uvicorn's httptools protocol and uses a few of its internals (the request cycle, the pipeline of
+queued requests, ``on_response_complete``); ``uvicorn`` is pinned to a range where they are as used here, and if
+they are missing the class is uvicorn's own, unchanged (``ENABLED``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from services.api.edge import DATAPLANE_PREFIX, Edge, FastTarget
+from services.api.middleware import observe, request_id_from
+
+ENABLED = all(hasattr(HttpToolsProtocol, n) for n in ("_start_asgi_task", "on_response_complete", "shutdown"))
+_TEMPLATE = DATAPLANE_PREFIX + "{rest}"
+_PREFIX = b"/v1/clusters/"
+
+
+class _NoEvent:
+    def set(self) -> None:  # uvicorn sets the current cycle's event when the connection is lost
+        pass
+
+
+class _InFlight:
+    """Stands in for uvicorn's request cycle while a fast-lane request is in flight: requests pipelined behind it
+    are queued, a graceful shutdown waits for it (``keep_alive`` False: closed once answered)."""
+
+    __slots__ = ("disconnected", "keep_alive", "message_event", "response_complete")
+
+    def __init__(self) -> None:
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = True
+        self.message_event = _NoEvent()
+
+
+class _Forward:
+    """One request in the fast lane: the engine connection's sink (``edge_client.Sink``)."""
+
+    __slots__ = ("body", "proto", "rid", "scope", "started", "target")
+
+    def __init__(self, proto: EdgeProtocol, scope: dict[str, Any], body: bytes, target: FastTarget, rid: bytes) -> None:
+        self.proto = proto
+        self.scope = scope
+        self.body = body
+        self.target = target
+        self.rid = rid
+        self.started = time.perf_counter()
+
+    def _head(self, status: int, headers: list[tuple[bytes, bytes]], tail: bytes) -> list[bytes]:
+        head = [STATUS_LINE[status]]
+        for name, value in self.proto.server_state.default_headers:
+            head += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            head += (name, b": ", value, b"\r\n")
+        head += (b"x-request-id: ", self.rid, b"\r\n", tail)
+        return head
+
+    def done(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None) -> None:
+        proto = self.proto
+        if body is None:  # relayed as it came (start/chunk)
+            proto.fast_finished(self.scope["method"], status, self.started)
+            return
+        if status == 503 and self.target.member != self.target.route.engine_url:
+            self.target_failed(None)  # a read replica not (yet) in sync: the usual path reads
+            proto.fast_declined(self)  # from the primary
+            return
+        head = self._head(status, headers, b"content-length: %d\r\n\r\n" % len(body))
+        head.append(body)
+        if not proto.transport.is_closing():
+            proto.transport.write(b"".join(head))
+        proto.fast_finished(self.scope["method"], status, self.started)
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        self.scope["vecta.relayed"] = status
+        if length is None:  # no length given: the answer ends when the connection does
+            tail = b"connection: close\r\n\r\n"
+            self.proto.inflight.keep_alive = False
+        else:
+            tail = b"content-length: %d\r\n\r\n" % length
+        if not self.proto.transport.is_closing():
+            self.proto.transport.write(b"".join(self._head(status, headers, tail)))
+
+    def chunk(self, data: bytes) -> None:
+        if not self.proto.transport.is_closing():
+            self.proto.transport.write(data)
+
+    def failed(self, exc: BaseException) -> None:
+        proto = self.proto
+        status = self.scope.get("vecta.relayed")
+        if status is not None:  # half relayed: as on the usual path, the connection is closed
+            proto.transport.close()
+            proto.fast_finished(self.scope["method"], status, self.started)
+            return
+        self.target_failed(exc)
+        proto.fast_declined(self)
+
+    def target_failed(self, exc: BaseException | None) -> None:
+        edge = self.proto.edge
+        if edge is not None:
+            edge.fast_failed(self.target, exc)
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the edge's fast lane (see the module's docstring). Run uvicorn with
+    ``http=EdgeProtocol``; the app must be the ``VectaAPI`` (its ``state.edge``), possibly wrapped by uvicorn's
+    middleware."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.edge: Edge | None = _find_edge(self.app)
+        self.fast_body: list[bytes] | None = None  # a request being read for the fast lane
+        self.inflight = _InFlight()
+        self.forward: _Forward | None = None  # the fast-lane request in flight
+
+    def on_headers_complete(self) -> None:
+        url = self.url
+        if (
+            self.edge is not None
+            and self.forward is None
+            and url.startswith(_PREFIX)
+            and self.parser.get_method() == b"POST"
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.pipeline
+            and not self.expect_100_continue
+            and self.parser.get_http_version() == "1.1"
+            and self.parser.should_keep_alive()
+            and not self.parser.should_upgrade()
+            and b"?" not in url
+            and b"%" not in url
+            and b"#" not in url
+            and url.isascii()
+        ):
+            path = url.decode("ascii", "replace")
+            scope: Any = self.scope
+            scope["method"] = "POST"
+            scope["path"] = self.root_path + path
+            scope["raw_path"] = self.root_path.encode("ascii") + url
+            scope["query_string"] = b""
+            self.fast_body = []
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.fast_body is not None:
+            self.fast_body.append(body)
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        pieces = self.fast_body
+        if pieces is None:
+            super().on_message_complete()
+            return
+        self.fast_body = None
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        scope: Any = self.scope
+        edge = self.edge
+        assert edge is not None  # the fast lane is only taken with an edge
+        target = edge.fast_target(self.url, self.headers, body)
+        if target is None:
+            self._to_asgi(scope, body)
+            return
+        rid = None
+        for name, value in self.headers:
+            if name == b"x-request-id":
+                rid = value
+                break
+        forward = _Forward(self, scope, body, target, request_id_from(rid).encode())
+        self.forward = forward
+        inflight = self.inflight
+        inflight.response_complete = False
+        inflight.keep_alive = True
+        self.cycle = inflight  # type: ignore[assignment]  # requests pipelined behind this one wait
+        edge.engine.send_on(target.conn, "POST", target.target, target.headers, body, forward)
+
+    # -- the fast lane's ends ----------------------------------------------------------------------------
+    def fast_finished(self, method: str, status: int, started: float) -> None:
+        """The answer is written: what uvicorn does when a response completes."""
+        self.forward = None
+        inflight = self.inflight
+        inflight.response_complete = True
+        if self.cycle is inflight:
+            self.cycle = None  # type: ignore[assignment]
+        observe(method, _TEMPLATE, status, time.perf_counter() - started)
+        if not inflight.keep_alive and not self.transport.is_closing():
+            self.transport.close()  # asked to shut down meanwhile, or an answer delimited by the close
+        self.on_response_complete()
+
+    def fast_declined(self, forward: _Forward) -> None:
+        """The forward failed before any of its answer was written: the request goes down the usual path."""
+        self.forward = None
+        keep_alive = self.inflight.keep_alive
+        self.inflight.response_complete = True
+        if self.transport.is_closing():
+            if self.cycle is self.inflight:
+                self.cycle = None  # type: ignore[assignment]
+            return
+        self._to_asgi(forward.scope, forward.body, keep_alive=keep_alive, first=self.cycle is not self.inflight)
+
+    def _to_asgi(self, scope: dict[str, Any], body: bytes, *, keep_alive: bool = True, first: bool = False) -> None:
+        """Serve a request read by the fast lane as uvicorn would have: its request cycle, holding the whole body,
+        run by the app as a task. ``first``: requests were queued behind it meanwhile; it goes before them."""
+        cycle = RequestResponseCycle(
+            scope=scope,  # type: ignore[arg-type]
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=keep_alive,
+            on_response=self.on_response_complete,
+        )
+        cycle.body = body  # type: ignore[assignment]  # bytes: the cycle hands it to the app as it is
+        cycle.more_body = False
+        cycle.message_event.set()
+        if not first:
+            self.cycle = cycle
+        self._start_asgi_task(cycle, self.app)
+
+    def shutdown(self) -> None:
+        if self.forward is not None:
+            self.inflight.keep_alive = False  # closed once answered
+            return
+        super().shutdown()
+
+
+def _find_edge(app: Any) -> Edge | None:
+    """The ``Edge`` of the VectaAPI behind uvicorn's wrappers (None before the app's startup ran, or for another
+    app: then the protocol is uvicorn's own)."""
+    for _ in range(8):
+        state = getattr(app, "state", None)
+        if state is not None:
+            edge = getattr(state, "edge", None)
+            return edge if isinstance(edge, Edge) and ENABLED else None
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None

@@ -1,0 +1,380 @@
+"""The edge's fast lane (services/api/fast_lane.py) under a real uvicorn on loopback: reads answered from the parser
+callbacks give the usual path's answers; everything it declines (writes, errors, unknown credentials, other tenants)
+still gets the usual answer; pipelined requests keep their order; a forward that fails goes down the usual path;
+a large answer is relayed whole; a graceful shutdown waits for a forward in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httptools
+import httpx
+import orjson
+import pytest_asyncio
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import update
+
+from services.api.fast_lane import EdgeProtocol
+from services.control_plane.clusters.models import Cluster
+from tests.clusterkit import create_cluster, insert_cluster, records, set_status
+from tests.conftest import auth, create_key, signup
+
+
+def dp(cluster_id: str, rest: str = "") -> str:
+    return f"/v1/clusters/{cluster_id}/collections{rest}"
+
+
+class Served:
+    def __init__(self, app: FastAPI) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, http=EdgeProtocol, lifespan="off", log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+        for _ in range(200):
+            if self.server.started:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("uvicorn did not start")
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 15)
+
+
+async def _serve(app: FastAPI) -> AsyncIterator[Served]:
+    served = Served(app)
+    await served.start()
+    try:
+        yield served
+    finally:
+        await served.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def world(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    """A real cluster with a collection ``docs`` (8-d, a string field, a text field) and 60 records, a reader key
+    limited to it, a key for another cluster, and the API served by uvicorn with the fast lane."""
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50010))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        t = await signup(client, "fast-lane", "Fast Lane Org")
+        cid = (await create_cluster(client, t.access_token, t.project_id, name="fast"))["id"]
+        other = await insert_cluster(app, t.org_id, t.project_id, "RUNNING")
+        try:
+            spec = {"name": "docs", "dimension": 8, "metric": "cosine", "text_field": "body",
+                    "fields": [{"name": "lang", "type": "string"}]}  # fmt: skip
+            r = await client.post(dp(cid), json=spec, headers=t.headers)
+            assert r.status_code == 201, r.text
+            recs = records(60, dimension=8, prefix="d")
+            for i, rec in enumerate(recs):
+                rec["metadata"] = {"lang": "en" if i % 3 else "fr"}
+                rec["text"] = f"document number {i} about {'cats' if i % 2 else 'dogs'}"
+            r = await client.post(dp(cid, "/docs/upsert"), json={"records": recs}, headers=t.headers)
+            assert r.status_code == 200, r.text
+            roles = [{"project_id": t.project_id, "role": "data_reader", "cluster_ids": [cid]}]
+            reader = (await create_key(client, t, project_roles=roles))["key"]
+            roles = [{"project_id": t.project_id, "role": "project_admin", "cluster_ids": [other]}]
+            elsewhere = (await create_key(client, t, project_roles=roles))["key"]
+            async for served in _serve(app):
+                yield {"t": t, "cid": cid, "reader": reader, "elsewhere": elsewhere, "served": served,
+                       "usual": client, "recs": recs}  # fmt: skip
+        finally:
+            await client.delete(f"/v1/clusters/{cid}", headers=t.headers)
+            await set_status(app, other, "DELETED")
+
+
+READS = [
+    ("/docs/search", {"vector": [0.1, 0.2, -0.3, 0.4, 0.5, -0.6, 0.7, 0.8], "top_k": 5}),
+    (
+        "/docs/search",
+        {
+            "vector": [0.1, 0.2, -0.3, 0.4, 0.5, -0.6, 0.7, 0.8],
+            "top_k": 7,
+            "filter": {"lang": "fr"},
+            "include_metadata": True,
+        },
+    ),
+    ("/docs/hybrid-search", {"vector": [0.3] * 8, "text": "cats", "top_k": 4}),
+    ("/docs/fetch", {"ids": ["d1", "d2", "nope"], "include_vectors": True}),
+    ("/docs/query", {"filter": {"lang": "en"}, "limit": 5}),
+    ("/docs/count", {}),
+]
+
+
+async def test_reads_answer_as_on_the_usual_path(app: FastAPI, world: dict[str, Any]) -> None:
+    edge = app.state.edge
+    h = auth(world["reader"])
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        for rest, body in READS:
+            usual = await world["usual"].post(dp(world["cid"], rest), json=body, headers=h)
+            assert usual.status_code == 200, usual.text
+            await http.post(dp(world["cid"], rest), json=body, headers=h)  # caches the key and the route
+            before = edge.fast_forwarded
+            fast = await http.post(dp(world["cid"], rest), json=body, headers={**h, "x-request-id": "req-fast-1"})
+            assert edge.fast_forwarded == before + 1, f"{rest} did not take the fast lane"
+            assert fast.status_code == 200
+            assert fast.content == usual.content, rest
+            assert fast.headers["content-type"] == usual.headers["content-type"]
+            assert fast.headers["x-request-id"] == "req-fast-1"
+            assert fast.headers["content-length"] == str(len(fast.content))
+            assert "date" in fast.headers
+        # Engine errors come back as the engine gave them, through the fast lane too.
+        bad = {"vector": [0.1, 0.2], "top_k": 5}
+        usual = await world["usual"].post(dp(world["cid"], "/docs/search"), json=bad, headers=h)
+        before = edge.fast_forwarded
+        fast = await http.post(dp(world["cid"], "/docs/search"), json=bad, headers=h)
+        assert edge.fast_forwarded == before + 1
+        assert (fast.status_code, fast.content) == (usual.status_code, usual.content)
+        assert fast.status_code == 422 and fast.headers["content-type"].startswith("application/problem+json")
+        missing = await http.post(dp(world["cid"], "/nosuch/search"), json=READS[0][1], headers=h)
+        assert missing.status_code == 404 and missing.json()["instance"] == dp(world["cid"], "/nosuch/search")
+
+
+async def test_what_the_fast_lane_declines_gets_the_usual_answer(app: FastAPI, world: dict[str, Any]) -> None:
+    edge = app.state.edge
+    cid, body = world["cid"], READS[0][1]
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        await http.post(dp(cid, "/docs/search"), json=body, headers=auth(world["reader"]))  # route cached
+        before = edge.fast_forwarded
+        r = await http.post(dp(cid, "/docs/search"), json=body, headers=auth(world["elsewhere"]))
+        assert r.status_code == 404 and r.json()["code"] == "cluster_not_found"  # another cluster's key
+        r = await http.post(dp(cid, "/docs/search"), json=body, headers=auth("vk_nope_nope"))
+        assert r.status_code == 401
+        r = await http.post(dp(cid, "/docs/search"), json=body)
+        assert r.status_code == 401
+        r = await http.post(dp(cid, "/docs/upsert"), json={"records": records(1, 8)}, headers=auth(world["reader"]))
+        assert r.status_code == 403  # a reader writing (writes never take the fast lane)
+        r = await http.post(dp(cid, "/docs/search?x=1"), json=body, headers=auth(world["reader"]))
+        assert r.status_code == 200  # a query string: the usual path
+        r = await http.post(dp("cl_nope", "/docs/search"), json=body, headers=auth(world["reader"]))
+        assert r.status_code == 404
+        assert edge.fast_forwarded == before
+        # A cluster that is not RUNNING: 503 from the usual path, even with its route cached a moment ago.
+        await set_status(app, cid, "SUSPENDING")
+        try:
+            r = await http.post(dp(cid, "/docs/search"), json=body, headers=auth(world["reader"]))
+            assert r.status_code == 503 and "retry-after" in r.headers
+        finally:
+            await set_status(app, cid, "RUNNING")
+        assert edge.fast_forwarded == before
+
+
+async def test_pipelined_requests_keep_their_order(app: FastAPI, world: dict[str, Any]) -> None:
+    cid, key = world["cid"], world["reader"]
+    port = world["served"].port
+
+    def req(rest: str, body: dict[str, Any]) -> bytes:
+        raw = orjson.dumps(body)
+        return (
+            f"POST {dp(cid, rest)} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(raw)}\r\n\r\n"
+        ).encode() + raw
+
+    expected = []
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        plan = [READS[0], ("/docs/count", {}), READS[3], READS[0], ("/docs/upsert", {"records": []}), READS[4]]
+        for rest, body in plan:
+            r = await http.post(dp(cid, rest), json=body, headers=auth(key))
+            expected.append((r.status_code, r.content))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    before = app.state.edge.fast_forwarded
+    try:
+        for _ in range(3):  # the first pass warms the caches, the later ones go fast where they can
+            writer.write(b"".join(req(rest, body) for rest, body in plan))
+            got = await _read_responses(reader, len(plan))
+            assert got == expected
+        assert app.state.edge.fast_forwarded > before  # some went fast, with others queued behind them
+    finally:
+        writer.close()
+
+
+async def _read_responses(reader: asyncio.StreamReader, n: int) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    current: dict[str, Any] = {}
+
+    class P:
+        def on_message_begin(self) -> None:
+            current.clear()
+            current["body"] = []
+
+        def on_body(self, b: bytes) -> None:
+            current["body"].append(b)
+
+        def on_message_complete(self) -> None:
+            out.append((parser.get_status_code(), b"".join(current["body"])))
+
+    parser = httptools.HttpResponseParser(P())
+    while len(out) < n:
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        assert data, f"connection closed after {len(out)} answers"
+        parser.feed_data(data)
+    return out
+
+
+# -- against a fake engine --------------------------------------------------------------------------------------
+class FakeEngine:
+    """Answers every request with ``answer``; ``drop_next`` closes the connection the next request came on
+    without answering; ``delay`` holds answers back."""
+
+    def __init__(self) -> None:
+        self.answer = b'{"matches":[]}'
+        self.drop_next = 0
+        self.delay = 0.0
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                self.requests += 1
+                if self.drop_next:
+                    self.drop_next -= 1
+                    writer.transport.abort()
+                    return
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                writer.write(head % len(self.answer) + self.answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fake(app: FastAPI, world: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    t = world["t"]
+    engine = FakeEngine()
+    url = await engine.start()
+    cid = await insert_cluster(app, t.org_id, t.project_id, "RUNNING")
+    async with app.state.db.transaction() as s:
+        await s.execute(update(Cluster).where(Cluster.id == cid).values(engine_url=url))
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50011))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        roles = [{"project_id": t.project_id, "role": "data_reader", "cluster_ids": [cid]}]
+        key = (await create_key(client, t, project_roles=roles))["key"]
+    try:
+        yield {"engine": engine, "cid": cid, "h": auth(key)}
+    finally:
+        await engine.stop()
+        await set_status(app, cid, "DELETED")
+
+
+async def test_a_failed_forward_goes_down_the_usual_path(
+    app: FastAPI, world: dict[str, Any], fake: dict[str, Any]
+) -> None:
+    edge, engine = app.state.edge, fake["engine"]
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        url = dp(fake["cid"], "/docs/search")
+        r = await http.post(url, json={"vector": [1.0]}, headers=fake["h"])
+        assert r.status_code == 200  # the usual path: pools a connection
+        before, seen = edge.fast_forwarded, engine.requests
+        engine.drop_next = 1
+        r = await http.post(url, json={"vector": [1.0]}, headers=fake["h"])
+        assert r.status_code == 200 and r.content == engine.answer
+        assert edge.fast_forwarded == before + 1  # tried fast, dropped, then asked again on the usual path
+        assert engine.requests == seen + 2
+
+
+async def test_a_large_answer_is_relayed_whole(app: FastAPI, world: dict[str, Any], fake: dict[str, Any]) -> None:
+    edge, engine = app.state.edge, fake["engine"]
+    engine.answer = orjson.dumps({"records": [{"id": f"r{i}", "pad": "x" * 1000} for i in range(3000)]})
+    assert len(engine.answer) > 2 << 20
+    try:
+        async with httpx.AsyncClient(base_url=world["served"].url) as http:
+            url = dp(fake["cid"], "/docs/fetch")
+            await http.post(url, json={"ids": ["a"]}, headers=fake["h"])
+            before = edge.fast_forwarded
+            for _ in range(2):  # and the connection stays usable after it
+                r = await http.post(url, json={"ids": ["a"]}, headers=fake["h"])
+                assert r.status_code == 200 and r.content == engine.answer
+            assert edge.fast_forwarded == before + 2
+    finally:
+        engine.answer = b'{"matches":[]}'
+
+
+async def test_graceful_shutdown_waits_for_a_forward_in_flight(
+    app: FastAPI, world: dict[str, Any], fake: dict[str, Any]
+) -> None:
+    edge, engine = app.state.edge, fake["engine"]
+    async for served in _serve(app):
+        async with httpx.AsyncClient(base_url=served.url) as http:
+            url = dp(fake["cid"], "/docs/count")
+            assert (await http.post(url, json={}, headers=fake["h"])).status_code == 200
+            before = edge.fast_forwarded
+            engine.delay = 0.5
+            try:
+                pending = asyncio.create_task(http.post(url, json={}, headers=fake["h"]))
+                await asyncio.sleep(0.2)
+                assert edge.fast_forwarded == before + 1
+                served.server.should_exit = True  # (the fixture's stop then finds it stopping)
+                r = await pending
+                assert r.status_code == 200 and r.content == engine.answer
+            finally:
+                engine.delay = 0.0
+
+
+async def test_steady_use_stays_fast_and_a_revocation_still_lands_within_the_ttl(
+    app: FastAPI, world: dict[str, Any]
+) -> None:
+    """The key's verification and the cluster's route are renewed in the background while in use, so steady traffic
+    never falls back to the usual path; yet a key revoked by another API process (no cache invalidation here) is
+    refused within the cache's TTL (1 s), as on the usual path."""
+    from services.auth.models import ApiKey
+    from services.core.db import utcnow
+
+    t, cid, edge = world["t"], world["cid"], app.state.edge
+    roles = [{"project_id": t.project_id, "role": "data_reader", "cluster_ids": [cid]}]
+    key = await create_key(world["usual"], t, project_roles=roles)
+    h = auth(key["key"])
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        url, body = dp(cid, "/docs/search"), READS[0][1]
+        assert (await http.post(url, json=body, headers=h)).status_code == 200
+        before, sent = edge.fast_forwarded, 0
+        end = loop.time() + 2.6
+        while loop.time() < end:
+            r = await http.post(url, json=body, headers=h)
+            assert r.status_code == 200
+            sent += 1
+            await asyncio.sleep(0.005)
+        assert sent > 100
+        assert edge.fast_forwarded - before >= sent - 2, (edge.fast_forwarded - before, sent)
+
+        async with app.state.db.transaction() as s:
+            await s.execute(update(ApiKey).where(ApiKey.id == key["id"]).values(revoked_at=utcnow()))
+        revoked_at = loop.time()
+        while True:
+            r = await http.post(url, json=body, headers=h)
+            if r.status_code == 401:
+                break
+            assert r.status_code == 200
+            assert loop.time() - revoked_at < 1.5, "a revoked key was still served after the cache's TTL"
+            await asyncio.sleep(0.01)
+        assert r.json()["code"] == "invalid_api_key"
