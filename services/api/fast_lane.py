@@ -34,6 +34,7 @@ from services.api.middleware import observe, request_id_from
 ENABLED = all(hasattr(HttpToolsProtocol, n) for n in ("_start_asgi_task", "on_response_complete", "shutdown"))
 _TEMPLATE = DATAPLANE_PREFIX + "{rest}"
 _PREFIX = b"/v1/clusters/"
+FAST_BODY_LIMIT = 256 << 10  # reads are small: a larger body goes down the usual path (and its limits) as it comes
 
 
 class _NoEvent:
@@ -130,6 +131,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.edge: Edge | None = _find_edge(self.app)
         self.fast_body: list[bytes] | None = None  # a request being read for the fast lane
+        self.fast_size = 0
         self.inflight = _InFlight()
         self.forward: _Forward | None = None  # the fast-lane request in flight
 
@@ -158,12 +160,18 @@ class EdgeProtocol(HttpToolsProtocol):
             scope["raw_path"] = self.root_path.encode("ascii") + url
             scope["query_string"] = b""
             self.fast_body = []
+            self.fast_size = 0
             return
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if self.fast_body is not None:
-            self.fast_body.append(body)
+        pieces = self.fast_body
+        if pieces is not None:
+            pieces.append(body)
+            self.fast_size += len(body)
+            if self.fast_size > FAST_BODY_LIMIT:  # not for the fast lane: the app reads the rest as it comes
+                self.fast_body = None
+                self._to_asgi(self.scope, b"".join(pieces), more_body=True)
             return
         super().on_body(body)
 
@@ -218,11 +226,20 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         self._to_asgi(forward.scope, forward.body, keep_alive=keep_alive, first=self.cycle is not self.inflight)
 
-    def _to_asgi(self, scope: dict[str, Any], body: bytes, *, keep_alive: bool = True, first: bool = False) -> None:
-        """Serve a request read by the fast lane as uvicorn would have: its request cycle, holding the whole body,
-        run by the app as a task. ``first``: requests were queued behind it meanwhile; it goes before them."""
+    def _to_asgi(
+        self,
+        scope: Any,
+        body: bytes,
+        *,
+        keep_alive: bool = True,
+        first: bool = False,
+        more_body: bool = False,
+    ) -> None:
+        """Serve a request read by the fast lane as uvicorn would have: its request cycle, holding the body (or
+        its beginning, ``more_body``: the rest reaches the cycle through uvicorn's own ``on_body``), run by the app
+        as a task. ``first``: requests were queued behind it meanwhile; it goes before them."""
         cycle = RequestResponseCycle(
-            scope=scope,  # type: ignore[arg-type]
+            scope=scope,
             transport=self.transport,
             flow=self.flow,
             logger=self.logger,
@@ -234,8 +251,8 @@ class EdgeProtocol(HttpToolsProtocol):
             keep_alive=keep_alive,
             on_response=self.on_response_complete,
         )
-        cycle.body = body  # type: ignore[assignment]  # bytes: the cycle hands it to the app as it is
-        cycle.more_body = False
+        cycle.body = bytearray(body) if more_body else body  # type: ignore[assignment]  # (bytes: handed over as is)
+        cycle.more_body = more_body
         cycle.message_event.set()
         if not first:
             self.cycle = cycle

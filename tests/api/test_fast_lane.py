@@ -137,6 +137,14 @@ async def test_reads_answer_as_on_the_usual_path(app: FastAPI, world: dict[str, 
         assert edge.fast_forwarded == before + 1
         assert (fast.status_code, fast.content) == (usual.status_code, usual.content)
         assert fast.status_code == 422 and fast.headers["content-type"].startswith("application/problem+json")
+        # A body too large for the fast lane (a read never is) is handed over as it comes: the usual answer.
+        huge = {"vector": [0.25] * 60_000, "top_k": 5}
+        usual = await world["usual"].post(dp(world["cid"], "/docs/search"), json=huge, headers=h)
+        before = edge.fast_forwarded
+        fast = await http.post(dp(world["cid"], "/docs/search"), json=huge, headers=h)
+        assert len(fast.request.content) > 256 << 10 and edge.fast_forwarded == before
+        assert (fast.status_code, fast.content) == (usual.status_code, usual.content)
+        assert fast.status_code == 422
         missing = await http.post(dp(world["cid"], "/nosuch/search"), json=READS[0][1], headers=h)
         assert missing.status_code == 404 and missing.json()["instance"] == dp(world["cid"], "/nosuch/search")
 
