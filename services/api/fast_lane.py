@@ -26,10 +26,12 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from services.api.edge import DATAPLANE_PREFIX, Edge, FastTarget
 from services.api.middleware import observe, request_id_from
+from services.core.errors import PROBLEM_CONTENT_TYPE, ServiceUnavailable
 
 ENABLED = all(hasattr(HttpToolsProtocol, n) for n in ("_start_asgi_task", "on_response_complete", "shutdown"))
 _TEMPLATE = DATAPLANE_PREFIX + "{rest}"
@@ -58,7 +60,7 @@ class _InFlight:
 class _Forward:
     """One request in the fast lane: the engine connection's sink (``edge_client.Sink``)."""
 
-    __slots__ = ("body", "proto", "rid", "scope", "started", "target")
+    __slots__ = ("body", "proto", "relayed", "rid", "scope", "started", "target")
 
     def __init__(self, proto: EdgeProtocol, scope: dict[str, Any], body: bytes, target: FastTarget, rid: bytes) -> None:
         self.proto = proto
@@ -66,6 +68,7 @@ class _Forward:
         self.body = body
         self.target = target
         self.rid = rid
+        self.relayed: int | None = None  # the status of an answer being relayed piecewise
         self.started = time.perf_counter()
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], tail: bytes) -> list[bytes]:
@@ -93,7 +96,7 @@ class _Forward:
         proto.fast_finished(self.scope["method"], status, self.started)
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        self.scope["vecta.relayed"] = status
+        self.relayed = status
         if length is None:  # no length given: the answer ends when the connection does
             tail = b"connection: close\r\n\r\n"
             self.proto.inflight.keep_alive = False
@@ -108,10 +111,21 @@ class _Forward:
 
     def failed(self, exc: BaseException) -> None:
         proto = self.proto
-        status = self.scope.get("vecta.relayed")
+        status = self.relayed
         if status is not None:  # half relayed: as on the usual path, the connection is closed
             proto.transport.close()
             proto.fast_finished(self.scope["method"], status, self.started)
+            return
+        route = self.target.route
+        if isinstance(exc, TimeoutError) and self.target.member == route.engine_url:
+            # what the usual path answers (asking again would make the client wait twice as long for it)
+            problem = ServiceUnavailable(
+                f"cluster {route.id}'s engine did not answer in time", retry_after=2, code="engine_timeout"
+            )
+            doc = orjson.dumps(problem.problem(self.scope["path"]))
+            headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode())]
+            headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in problem.headers.items()]
+            self.done(problem.status, headers, doc)
             return
         self.target_failed(exc)
         proto.fast_declined(self)

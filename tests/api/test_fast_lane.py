@@ -265,7 +265,7 @@ class FakeEngine:
                 head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
                 writer.write(head % len(self.answer) + self.answer)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
@@ -386,3 +386,29 @@ async def test_steady_use_stays_fast_and_a_revocation_still_lands_within_the_ttl
             assert loop.time() - revoked_at < 1.5, "a revoked key was still served after the cache's TTL"
             await asyncio.sleep(0.01)
         assert r.json()["code"] == "invalid_api_key"
+
+
+async def test_an_engine_that_does_not_answer_in_time_is_503_once(
+    app: FastAPI, world: dict[str, Any], fake: dict[str, Any]
+) -> None:
+    edge, engine = app.state.edge, fake["engine"]
+    url = dp(fake["cid"], "/docs/count")
+    saved = edge.engine.timeout
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        assert (await http.post(url, json={}, headers=fake["h"])).status_code == 200
+        edge.engine.timeout = 0.3
+        engine.delay = 1.0
+        try:
+            before, seen = edge.fast_forwarded, engine.requests
+            t0 = asyncio.get_running_loop().time()
+            fast = await http.post(url, json={}, headers=fake["h"])
+            waited = asyncio.get_running_loop().time() - t0
+            asked = engine.requests - seen
+            usual = await world["usual"].post(url, json={}, headers=fake["h"])
+        finally:
+            edge.engine.timeout = saved
+            engine.delay = 0.0
+    assert edge.fast_forwarded == before + 1 and asked == 1  # not asked twice
+    assert waited < 0.9
+    assert (fast.status_code, fast.content) == (usual.status_code, usual.content)
+    assert fast.json()["code"] == "engine_timeout" and fast.headers["retry-after"] == usual.headers["retry-after"]
