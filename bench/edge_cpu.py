@@ -190,7 +190,9 @@ def main() -> None:
             time.sleep(min(wall, 3.0))
             idle.append((cpu_ns(api_pid) - i0) / min(wall, 3.0))  # ns of API CPU per idle second
         if args.profile is not None:
-            spy = subprocess.Popen([str(Path(PY).parent / "py-spy"), "record", "--format", "raw", "--threads",
+            # --gil: only the thread holding the GIL is sampled, so the profile is where Python spends CPU, not
+            # where the thread waits (a write on loopback that wakes the peer is often preempted in the syscall)
+            spy = subprocess.Popen([str(Path(PY).parent / "py-spy"), "record", "--format", "raw", "--threads", "--gil",
                                     "--rate", "500", "--pid", str(api_pid), "--output", str(args.profile)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
             time.sleep(1.5)

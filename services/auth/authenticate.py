@@ -115,7 +115,7 @@ class Authenticator:
         self._cache: dict[str, tuple[float, AuthSubject, float]] = {}  # hash -> (expires, subject, refresh from)
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._last_used: dict[str, dt.datetime] = {}
+        self._last_used: dict[str, float] = {}  # API key id -> time.time() of its last use (a float: cheap per request)
         self._flush_lock = asyncio.Lock()
 
     def invalidate(self) -> None:
@@ -137,7 +137,7 @@ class Authenticator:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if subject.kind == "api_key":
-            self._last_used[subject.id] = utcnow()
+            self._last_used[subject.id] = time.time()
         return subject
 
     async def _refresh(self, token: str, cache_key: str) -> None:
@@ -169,7 +169,7 @@ class Authenticator:
             subject, valid_for = await self._verify(token)
             self._remember(cache_key, subject, valid_for, now_mono)
         if subject.kind == "api_key":
-            self._last_used[subject.id] = utcnow()
+            self._last_used[subject.id] = time.time()
         return subject
 
     async def _verify(self, token: str) -> tuple[AuthSubject, float]:
@@ -209,7 +209,8 @@ class Authenticator:
             seen, self._last_used = self._last_used, {}
             try:
                 async with self._db.transaction() as session:
-                    await repo.touch_api_keys(session, seen)
+                    when = {k: dt.datetime.fromtimestamp(v, dt.UTC) for k, v in seen.items()}
+                    await repo.touch_api_keys(session, when)
             except Exception:  # a failed flush must never break serving; retry with the next batch
                 log.exception("could not record API key last_used_at")
                 for k, v in seen.items():

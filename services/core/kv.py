@@ -47,10 +47,6 @@ class MemoryKV:
                 del self._data[k]
         return value + 1
 
-    def peek(self, key: str) -> int:
-        item = self._live(key)
-        return item[0] if item else 0
-
     async def get_int(self, key: str) -> tuple[int, int]:
         item = self._live(key)
         if item is None:
