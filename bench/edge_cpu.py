@@ -117,15 +117,25 @@ def run_requests(port: int, reqs: list[bytes], n: int, clients: int) -> np.ndarr
     return np.array([x for lst in lats for x in lst])
 
 
-Row = tuple[float, float, float, float, float, float]
+Row = tuple[float, float, float, float, float, float, float, float]
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(idle, total) clock ticks of the whole machine since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return fields[3] + fields[4], sum(fields)
 
 
 def measure(port: int, reqs: list[bytes], n: int, clients: int, api_pid: int, engine_pid: int) -> Row:
-    """(API CPU ns, API user ns and system ns from /proc/PID/stat, engine CPU ns, wall seconds, p50 ms)."""
+    """(API CPU ns, API user ns and system ns from /proc/PID/stat, engine CPU ns, wall seconds, p50 ms, the
+    client's (this process's) CPU ns, the machine's idle share in %)."""
     a0, (u0, s0), e0, w0 = cpu_ns(api_pid), cpu_stat_ns(api_pid), cpu_ns(engine_pid), time.perf_counter()
+    c0, (i0, t0) = time.process_time_ns(), machine_ticks()
     lats = run_requests(port, reqs, n, clients)
     a1, (u1, s1), e1, w1 = cpu_ns(api_pid), cpu_stat_ns(api_pid), cpu_ns(engine_pid), time.perf_counter()
-    return a1 - a0, u1 - u0, s1 - s0, e1 - e0, w1 - w0, float(np.percentile(lats, 50) * 1000)
+    c1, (i1, t1) = time.process_time_ns(), machine_ticks()
+    idle = 100.0 * (i1 - i0) / max(1, t1 - t0)
+    return a1 - a0, u1 - u0, s1 - s0, e1 - e0, w1 - w0, float(np.percentile(lats, 50) * 1000), c1 - c0, idle
 
 
 def main() -> None:
@@ -214,11 +224,11 @@ def main() -> None:
               f"searches, {args.clients} client(s), load {load_average()}")  # fmt: skip
         print(f"API idle CPU: {idle_rate / 1e3:.0f} us/s (subtracted)")
         for label in ("api", "direct"):
-            for i, (a, u, sy, e, wall, p50) in enumerate(rows[label]):
+            for i, (a, u, sy, e, wall, p50, cl, idle_pct) in enumerate(rows[label]):
                 api_us = (a - idle_rate * wall) / n / 1e3
                 print(f"{label:6s} round {i}: API {api_us:7.1f} us/req (ticks: user {u / n / 1e3:5.0f} + sys "
-                      f"{sy / n / 1e3:5.0f}), engine {e / n / 1e3:7.1f} us/req, p50 {p50:.3f} ms, "
-                      f"{n / wall:7.0f} req/s")  # fmt: skip
+                      f"{sy / n / 1e3:5.0f}), engine {e / n / 1e3:7.1f} us/req, client {cl / n / 1e3:5.0f} us/req, "
+                      f"machine idle {idle_pct:4.1f}%, p50 {p50:.3f} ms, {n / wall:7.0f} req/s")  # fmt: skip
         api = rows["api"]
         med = lambda xs: float(np.median(xs))  # noqa: E731
         api_us = med([(r[0] - idle_rate * r[4]) / n / 1e3 for r in api])

@@ -60,7 +60,7 @@ from services.core.errors import (
     problem_for_status,
 )
 from services.core.ids import new_id
-from services.core.kv import KV, MemoryKV
+from services.core.kv import KV
 from services.core.request_context import RequestContext, reset_request, set_request
 from services.core.settings import get_settings
 
@@ -140,12 +140,10 @@ class Edge:
     def fast_target(self, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> FastTarget | None:
         """Everything the fast lane needs to forward one read now, or None when any of it is not at hand
         without waiting or is not plainly allowed: a read (``FAST_ACTIONS``) on a plain collection name, a bearer
-        whose verification is cached, a cached RUNNING route, the privilege, the rate limits of the in-process
-        store (Redis answers asynchronously), an idle connection to the engine. A None sends the request down
+        whose verification is cached, a cached RUNNING route, the privilege, the rate limits (counted without
+        waiting: ``KV.incr_nowait``), an idle connection to the engine. A None sends the request down
         the usual path (``dispatch``), which gives every error its answer: the fast lane never answers one."""
         kv = self.kv
-        if not isinstance(kv, MemoryKV):
-            return None
         parts = url.split(b"/")  # b"", v1, clusters, {id}, collections, {name}, {action}
         if len(parts) != 7 or parts[4] != b"collections" or len(body) > self.max_body:
             return None
@@ -189,9 +187,9 @@ class Edge:
         # Counted once the request can go: over a limit, it is declined and the usual path answers 429 (counting
         # it again in a window that is already over the limit changes nothing).
         window = int(time.time())
-        over = kv.incr_now(f"rl:c:{route.id}:{window}", 2) > self.rate_cluster
+        over = kv.incr_nowait(f"rl:c:{route.id}:{window}", 2) > self.rate_cluster
         if subject.kind == "api_key":
-            over = kv.incr_now(f"rl:k:{subject.id}:{window}", 2) > self.rate_key or over
+            over = kv.incr_nowait(f"rl:k:{subject.id}:{window}", 2) > self.rate_key or over
         if over:
             self.engine.give_back(conn)
             return None

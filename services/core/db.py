@@ -64,9 +64,12 @@ class TimestampMixin:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    # The busy timeout first: every statement after it, these pragmas included, waits for a lock held by another
+    # connection instead of failing at once with "database is locked" (a new connection made while a writer
+    # holds the database, e.g. a Celery task committing during a test's heartbeat).
+    cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
