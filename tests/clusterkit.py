@@ -12,6 +12,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,26 @@ async def set_status(app: Any, cluster_id: str, status: str) -> None:
     async with app.state.db.transaction() as s:
         await s.execute(update(Cluster).where(Cluster.id == cluster_id).values(status=status))
     app.state.edge.invalidate(cluster_id)
+
+
+@contextlib.asynccontextmanager
+async def api_with(env: dict[str, str]) -> AsyncIterator[Any]:
+    """A second API instance (same database) with some settings changed (``VECTA_*`` → value), started; the
+    settings are put back afterwards."""
+    from services.api.app import create_app
+    from services.core.settings import reset_settings
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_settings()
+    try:
+        other = create_app()
+        async with other.router.lifespan_context(other):
+            yield other
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_settings()

@@ -407,12 +407,9 @@ class _HostPool:
 
     async def acquire(self) -> Connection:
         """An idle connection (the most recently used) or a new one, for one request."""
-        now = time.monotonic()
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < self.client.idle_seconds:
-                return conn
-            conn.abort()
+        idle = self.take_idle()
+        if idle is not None:
+            return idle
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: Connection(self), self.host, self.port, ssl=self.ssl),

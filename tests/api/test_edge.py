@@ -4,7 +4,6 @@ relayed unchanged."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from services.control_plane.clusters import tasks
-from tests.clusterkit import cluster_row, create_cluster, insert_cluster, records, set_status
+from tests.clusterkit import api_with, cluster_row, create_cluster, insert_cluster, records, set_status
 from tests.conftest import auth, create_key, signup
 
 
@@ -393,28 +392,13 @@ async def test_large_bodies_pass_the_control_plane_limit(client: httpx.AsyncClie
 @pytest_asyncio.fixture(loop_scope="session")
 async def tight_app(app: FastAPI) -> AsyncIterator[FastAPI]:
     """A second API instance (same database) with a small data-plane body limit and low rate limits."""
-    from services.api.app import create_app
-    from services.core.settings import reset_settings
-
     env = {
         "VECTA_DATAPLANE_MAX_BODY_BYTES": "4096",
         "VECTA_DATAPLANE_RATE_PER_KEY": "5",
         "VECTA_DATAPLANE_RATE_PER_CLUSTER": "12",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_settings()
-    try:
-        tight = create_app()
-        async with tight.router.lifespan_context(tight):
-            yield tight
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_settings()
+    async with api_with(env) as tight:
+        yield tight
 
 
 async def test_body_limit_is_413(tight_app: FastAPI, tenants: dict[str, Any]) -> None:

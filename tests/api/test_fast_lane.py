@@ -6,7 +6,6 @@ a large answer is relayed whole; a graceful shutdown waits for a forward in flig
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ from sqlalchemy import update
 
 from services.api.fast_lane import EdgeProtocol
 from services.control_plane.clusters.models import Cluster
-from tests.clusterkit import create_cluster, insert_cluster, records, set_status
+from tests.clusterkit import api_with, create_cluster, insert_cluster, records, set_status
 from tests.conftest import auth, create_key, signup
 
 
@@ -420,39 +419,24 @@ async def test_rate_limits_hold_on_the_fast_lane(app: FastAPI, world: dict[str, 
     """A second API (same database) with 5 requests a second per key: reads that would go fast are counted there,
     and the sixth in a second gets the usual path's 429 with Retry-After (in process memory, or through Redis when
     the suite runs with it)."""
-    from services.api.app import create_app
-    from services.core.settings import reset_settings
-
     env = {"VECTA_DATAPLANE_RATE_PER_KEY": "5", "VECTA_DATAPLANE_RATE_PER_CLUSTER": "1000"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_settings()
-    try:
-        tight = create_app()
-        async with tight.router.lifespan_context(tight):
-            t, cid = world["t"], world["cid"]
-            roles = [{"project_id": t.project_id, "role": "data_reader", "cluster_ids": [cid]}]
-            h = auth((await create_key(world["usual"], t, project_roles=roles))["key"])
-            async for served in _serve(tight):
-                async with httpx.AsyncClient(base_url=served.url) as http:
-                    url, body = dp(cid, "/docs/count"), {}
-                    loop = asyncio.get_running_loop()
-                    await asyncio.sleep(1.02 - time.time() % 1)  # a fresh one-second window
-                    assert (await http.post(url, json=body, headers=h)).status_code == 200  # warms the caches
-                    await asyncio.sleep(1.02 - time.time() % 1)
-                    start = loop.time()
-                    codes = [(await http.post(url, json=body, headers=h)) for _ in range(9)]
-                    assert loop.time() - start < 0.9, "the requests did not fit in one window"
-        statuses = [r.status_code for r in codes]
-        assert statuses[:5] == [200] * 5 and set(statuses[5:]) == {429}, statuses
-        # (the first in the window may go the usual path: the caches warmed a second ago have just expired)
-        assert tight.state.edge.fast_forwarded >= 4
-        limited = codes[5]
-        assert limited.json()["code"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_settings()
+    async with api_with(env) as tight:
+        t, cid = world["t"], world["cid"]
+        roles = [{"project_id": t.project_id, "role": "data_reader", "cluster_ids": [cid]}]
+        h = auth((await create_key(world["usual"], t, project_roles=roles))["key"])
+        async for served in _serve(tight):
+            async with httpx.AsyncClient(base_url=served.url) as http:
+                url, body = dp(cid, "/docs/count"), {}
+                loop = asyncio.get_running_loop()
+                await asyncio.sleep(1.02 - time.time() % 1)  # a fresh one-second window
+                assert (await http.post(url, json=body, headers=h)).status_code == 200  # warms the caches
+                await asyncio.sleep(1.02 - time.time() % 1)
+                start = loop.time()
+                codes = [(await http.post(url, json=body, headers=h)) for _ in range(9)]
+                assert loop.time() - start < 0.9, "the requests did not fit in one window"
+    statuses = [r.status_code for r in codes]
+    assert statuses[:5] == [200] * 5 and set(statuses[5:]) == {429}, statuses
+    # (the first in the window may go the usual path: the caches warmed a second ago have just expired)
+    assert tight.state.edge.fast_forwarded >= 4
+    limited = codes[5]
+    assert limited.json()["code"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
