@@ -148,6 +148,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self.fast_size = 0
         self.inflight = _InFlight()
         self.forward: _Forward | None = None  # the fast-lane request in flight
+        self.auth_memo: list[bytes | str] = []  # the last bearer seen on this connection and its hash
 
     def on_headers_complete(self) -> None:
         url = self.url
@@ -199,7 +200,7 @@ class EdgeProtocol(HttpToolsProtocol):
         scope: Any = self.scope
         edge = self.edge
         assert edge is not None  # the fast lane is only taken with an edge
-        target = edge.fast_target(self.url, self.headers, body)
+        target = edge.fast_target(self.url, self.headers, body, self.auth_memo)
         if target is None:
             self._to_asgi(scope, body)
             return

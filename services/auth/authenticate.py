@@ -122,10 +122,12 @@ class Authenticator:
         """Forget every cached subject (after a revocation or a role change in this process)."""
         self._cache.clear()
 
-    def cached(self, token: str) -> AuthSubject | None:
+    def cached(self, token: str, cache_key: str | None = None) -> AuthSubject | None:
         """The subject for ``token`` when a verification of it is cached and still fresh, else None (without
-        waiting: the edge's fast lane; ``authenticate`` verifies)."""
-        cache_key = token_hash(token)
+        waiting: the edge's fast lane; ``authenticate`` verifies). ``cache_key``: ``token_hash(token)`` when the
+        caller has it already (a connection sending the same bearer again)."""
+        if cache_key is None:
+            cache_key = token_hash(token)
         hit = self._cache.get(cache_key)
         now = time.monotonic()
         if hit is None or hit[0] <= now:
