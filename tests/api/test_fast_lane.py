@@ -440,3 +440,13 @@ async def test_rate_limits_hold_on_the_fast_lane(app: FastAPI, world: dict[str, 
     assert tight.state.edge.fast_forwarded >= 4
     limited = codes[5]
     assert limited.json()["code"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
+
+
+async def test_metrics_tell_how_much_goes_fast(app: FastAPI, world: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        for _ in range(3):
+            r = await http.post(dp(world["cid"], "/docs/count"), json={}, headers=auth(world["reader"]))
+            assert r.status_code == 200
+        text = (await http.get("/metrics")).text
+    line = next(x for x in text.splitlines() if x.startswith("vecta_edge_fast_lane_forwarded_total "))
+    assert float(line.split()[1]) >= app.state.edge.fast_forwarded >= 2
