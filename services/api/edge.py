@@ -333,7 +333,7 @@ class Edge:
                     scope, receive, cluster_id, rest, authorization, content_type, content_length
                 )
             except VectaError as exc:
-                problem = exc.problem(_instance(scope))
+                problem = exc.problem(problem_instance(scope))
                 status = problem["status"]
                 headers = [(b"content-type", PROBLEM_CONTENT_TYPE_B), rid_header]
                 headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
@@ -566,7 +566,7 @@ class RequestTimeout(VectaError):
     default_code = "request_timeout"
 
 
-def _instance(scope: Scope) -> str:
+def problem_instance(scope: Scope) -> str:
     """The problem ``instance``: the request path, as ``request.url.path`` gives it."""
     return str(scope["path"]).replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
 

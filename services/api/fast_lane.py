@@ -1,7 +1,7 @@
 """The edge's fast lane: data-plane reads forwarded from uvicorn's parser callbacks, with no task, ASGI scope or await.
 
-Why: with 8 clients on 2 cores every µs of the API's CPU per forwarded search adds ~8 µs at p50 (docs/benchmarks.md
-sections 8 and 12). On the usual path a forwarded search costs the API process ~150-175 µs of CPU: uvicorn's
+Why: with 8 clients on 2 cores every µs of the API's CPU per forwarded search adds ~4-8 µs at p50 (docs/benchmarks.md
+sections 8, 12 and 13). On the usual path a forwarded search costs the API process ~150-175 µs of CPU: uvicorn's
 request cycle and task, the ASGI messages, the edge's awaits and futures, and the engine client's. Here the
 request is handled in ``on_message_complete`` and the engine's answer is written to the client from the engine
 connection's own ``on_message_complete``: two parser callbacks and two writes (docs/decisions/008-edge-fast-lane.md).
@@ -9,11 +9,13 @@ connection's own ``on_message_complete``: two parser callbacks and two writes (d
 What goes this way: a POST of one of the reads (``search``, ``hybrid-search``, ``fetch``, ``query``, ``count``) on a
 plain collection name, HTTP/1.1 keep-alive, no query string, no percent-encoding, no ``Expect``, on a connection with
 nothing else in flight, when ``Edge.fast_target`` finds everything it needs at hand (a cached verification of the
-bearer, the cluster's cached RUNNING route, the privilege, the in-process rate limits, an idle engine connection).
+bearer, the cluster's cached RUNNING route, the privilege, the rate limits counted without waiting, an idle engine
+connection).
 Everything else, every error included, takes the usual path (``Edge.dispatch``): a request the fast lane declines is
-handed to uvicorn as if it had just been parsed, and one whose forward fails (the engine went away, timed out, or a
-read replica is not in sync) is sent down the usual path then, which retries it as it retries any read (reads are
-idempotent). So the answers are the usual path's, byte for byte, less the ordering of headers.
+handed to uvicorn as if it had just been parsed, and one whose forward fails (the engine went away, or a read
+replica failed or is not in sync) is sent down the usual path then, which retries it as it retries any read (reads
+are idempotent); a primary that does not answer in time gets the usual path's 503 ``engine_timeout`` at once. So the
+answers are the usual path's, byte for byte, less the ordering of headers.
 
 It subclasses uvicorn's httptools protocol and uses a few of its internals (the request cycle, the pipeline of
 queued requests, ``on_response_complete``); ``uvicorn`` is pinned to a range where they are as used here, and if
@@ -33,7 +35,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from services.api.edge import DATAPLANE_PREFIX, Edge, FastTarget
+from services.api.edge import DATAPLANE_PREFIX, Edge, FastTarget, problem_instance
 from services.api.middleware import observe, request_id_from
 from services.core.errors import PROBLEM_CONTENT_TYPE, ServiceUnavailable
 
@@ -126,7 +128,7 @@ class _Forward:
             problem = ServiceUnavailable(
                 f"cluster {route.id}'s engine did not answer in time", retry_after=2, code="engine_timeout"
             )
-            doc = orjson.dumps(problem.problem(self.scope["path"]))
+            doc = orjson.dumps(problem.problem(problem_instance(self.scope)))
             headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode())]
             headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in problem.headers.items()]
             self.done(problem.status, headers, doc)
