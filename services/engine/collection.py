@@ -44,6 +44,7 @@ from .schema import (
     loads,
     parse_ids,
     to_matrix,
+    vector_norms,
 )
 from .segment import LIVE, Grow, Segment, build_index, concat_columns, load_segment, segment_parts
 from .text import TextIndex, tokenize
@@ -74,8 +75,10 @@ class Settings:
 
 
 def _normalize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    norms = np.linalg.norm(vectors, axis=1).astype(np.float32)
-    return (vectors / norms[:, None]).astype(np.float32), norms
+    """Unit vectors and their lengths, computed in float64 (``vector_norms``); the lengths fit float32 (checked
+    when the batch was parsed)."""
+    norms = vector_norms(vectors)
+    return (vectors / norms[:, None]).astype(np.float32), norms.astype(np.float32)
 
 
 class Collection:
@@ -452,7 +455,7 @@ class Collection:
         accepted (same normalization, defaults and results); None when the usual path must answer (a zero
         vector under cosine: its error)."""
         if self.cfg.metric == "cosine":
-            norms = np.linalg.norm(q, axis=1)
+            norms = vector_norms(q)
             if not (norms > 0).all():
                 return None
             q = (q / norms[:, None]).astype(np.float32)
@@ -514,7 +517,7 @@ class Collection:
                     code="no_text_field",
                 )
         if q is not None and self.cfg.metric == "cosine":
-            norms = np.linalg.norm(q, axis=1)
+            norms = vector_norms(q)
             if not (norms > 0).all():
                 raise Unprocessable("a zero query vector has no cosine similarity", code="invalid_vector")
             q = (q / norms[:, None]).astype(np.float32)

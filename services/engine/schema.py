@@ -607,13 +607,39 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
         vectors = matrix
         check_finite(vectors, "records[{i}]")
     if cfg.metric == "cosine":
-        zero = np.flatnonzero(~(np.abs(vectors).max(axis=1) > 0))
+        peak = np.abs(vectors).max(axis=1)
+        zero = np.flatnonzero(~(peak > 0))
         if len(zero):
             raise Unprocessable(
                 f"records[{int(zero[0])}] ({ids[int(zero[0])]!r}): a zero vector has no cosine similarity",
                 code="invalid_vector",
             )
+        # the length is kept as float32 (to give the vector back as it was sent): it must fit
+        large = np.flatnonzero(peak > SAFE_COMPONENT)
+        norms = vector_norms(vectors[large]) if len(large) else np.zeros(0)
+        huge = large[~(norms <= FLOAT32_MAX)]
+        if len(huge):
+            raise Unprocessable(
+                f"records[{int(huge[0])}] ({ids[int(huge[0])]!r}): the vector's length exceeds the float32 range "
+                f"({FLOAT32_MAX:.4g})",
+                code="invalid_vector",
+            )
     return Batch(ids, vectors, metas, texts)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# components up to this keep a float32 sum of squares finite at any dimension: 16,384 * (1e17)^2 = 1.6e38 < 3.4e38
+SAFE_COMPONENT = 1e17
+
+
+def vector_norms(vectors: np.ndarray) -> np.ndarray:
+    """Euclidean lengths of the rows (float64). In float32 as always when every component is small enough; in float64
+    otherwise, where float32's squares would overflow (a component of 1e20 made the length infinite and the vector
+    normalized to zeros)."""
+    if vectors.size and float(np.abs(vectors).max()) > SAFE_COMPONENT:
+        v = vectors.astype(np.float64)
+        return np.sqrt(np.einsum("ij,ij->i", v, v))
+    return np.linalg.norm(vectors, axis=1).astype(np.float64)
 
 
 def parse_ids(doc: dict[str, Any], key: str = "ids") -> list[str]:

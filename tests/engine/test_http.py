@@ -144,6 +144,13 @@ async def test_metrics_and_stats(app_client):
         ([{"id": "ok", "vector": [1, 2, 3, 4], "extra": 1}], 400, "unknown_field", "extra"),
         ([{"id": "x" * 65, "vector": [1, 2, 3, 4]}], 400, "validation_error", "records[0]"),
         ([{"id": "z", "vector": [0, 0, 0, 0]}], 422, "invalid_vector", "records[0]"),
+        # finite components, but a length beyond float32 (a cosine collection keeps each vector's length)
+        (
+            [{"id": "ok", "vector": [1, 2, 3, 4]}, {"id": "h", "vector": [3e38, 3e38, 0, 0]}],
+            422,
+            "invalid_vector",
+            "records[1]",
+        ),
         ([{"vector": [1, 2, 3, 4]}], 400, "validation_error", "records[0]"),
     ],
 )
@@ -154,6 +161,21 @@ async def test_bad_upserts_name_the_record_and_apply_nothing(app_client, records
     body = _problem(r, status, code)
     assert needle in body["detail"], body
     assert (await client.post("/v1/collections/items/count", json={})).json() == {"count": 0}
+
+
+async def test_large_components_keep_their_value_under_cosine(app_client):
+    """Lengths are computed in float64: in float32 the square of 1e20 overflows, the length was infinite, and the
+    vector came back as nulls."""
+    client, _ = app_client
+    await _mk(client)
+    vec = [1e20, 1.0, -3e19, 2.0]
+    r = await client.post("/v1/collections/items/upsert", json={"records": [{"id": "big", "vector": vec}]})
+    assert r.status_code == 200, r.text
+    got = (await client.post("/v1/collections/items/fetch", json={"ids": ["big"], "include_vectors": True})).json()
+    back = got["records"][0]["vector"]
+    assert back == [float(np.float32(x)) for x in vec], back
+    hits = (await client.post("/v1/collections/items/search", json={"vector": vec, "top_k": 1})).json()["results"]
+    assert hits[0]["id"] == "big" and abs(hits[0]["score"] - 1.0) < 1e-5
 
 
 async def test_nan_and_garbage_json(app_client):

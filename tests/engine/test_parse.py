@@ -209,3 +209,18 @@ def test_parse_buffers_are_released_and_parsers_recreated() -> None:
     assert held["a"].as_list() == [1, 2, 3]  # its parser lives on with the document
     again = fast_records(body, 4)
     assert again is not None and np.array_equal(again[1], vecs) and threading.get_ident() in schema._parsers
+
+
+def test_vector_norms_do_not_overflow_at_the_largest_dimension() -> None:
+    import numpy as np
+
+    from services.engine.schema import SAFE_COMPONENT, vector_norms
+
+    d = 16_384
+    edge = np.full((1, d), SAFE_COMPONENT, dtype=np.float32)  # the float32 path
+    assert np.isfinite(np.linalg.norm(edge, axis=1)).all()
+    assert abs(vector_norms(edge)[0] / (float(np.float32(SAFE_COMPONENT)) * 128) - 1) < 1e-5
+    above = np.full((1, d), SAFE_COMPONENT * 20, dtype=np.float32)  # float32 would overflow: the float64 path
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.linalg.norm(above, axis=1)).all()
+    assert abs(vector_norms(above)[0] / (float(np.float32(SAFE_COMPONENT * 20)) * 128) - 1) < 1e-6

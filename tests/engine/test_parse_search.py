@@ -11,7 +11,7 @@ import pytest
 
 from services.core.errors import VectaError
 from services.engine import schema
-from services.engine.schema import fast_search
+from services.engine.schema import fast_search, vector_norms
 
 from .conftest import create, upsert
 
@@ -321,7 +321,7 @@ def test_single_search_agrees_with_parse_search(coll, body: bytes) -> None:
         usual["ef"],
         usual["nprobe"],
     )
-    norms = np.linalg.norm(q, axis=1)
+    norms = vector_norms(q)
     assert ((q / norms[:, None]).astype(np.float32)).tobytes() == usual["q"].tobytes()
 
 
