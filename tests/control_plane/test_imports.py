@@ -266,7 +266,15 @@ def _bad_parquet_dim() -> tuple[bytes, str, str]:
     return parquet_bytes(recs, "columns"), "parquet", "row 99 (id 'doc99'): vector has dimension 9"
 
 
-@pytest.mark.parametrize("case", [_bad_jsonl_dim, _bad_jsonl_dup, _bad_jsonl_type, _bad_parquet_nan, _bad_parquet_dim])
+def _bad_jsonl_length() -> tuple[bytes, str, str]:
+    recs = rows(60)
+    recs[42]["vector"] = [3e38] * len(recs[42]["vector"])  # finite, but its length is beyond float32
+    return jsonl(recs), "jsonl", "line 43 (id 'doc42'): the vector's length exceeds the float32 range"
+
+
+@pytest.mark.parametrize(
+    "case", [_bad_jsonl_dim, _bad_jsonl_dup, _bad_jsonl_type, _bad_parquet_nan, _bad_parquet_dim, _bad_jsonl_length]
+)
 async def test_bad_file_fails_naming_the_record_and_writes_nothing(client: httpx.AsyncClient, case: Any) -> None:
     w = await world(client)
     coll = await new_collection(client, w)

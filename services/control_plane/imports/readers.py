@@ -151,6 +151,10 @@ def _check_vectors(vectors: np.ndarray, where: list[str], schema: Schema) -> Non
         zero = np.flatnonzero(~(np.abs(vectors).max(axis=1) > 0))
         if len(zero):
             raise ImportFailed(f"{where[int(zero[0])]}: a zero vector has no cosine similarity")
+        v = vectors.astype(np.float64)  # as the engine checks it: a cosine collection keeps each length as float32
+        huge = np.flatnonzero(~(np.sqrt(np.einsum("ij,ij->i", v, v)) <= float(np.finfo(np.float32).max)))
+        if len(huge):
+            raise ImportFailed(f"{where[int(huge[0])]}: the vector's length exceeds the float32 range")
 
 
 # -- JSON Lines ---------------------------------------------------------------------------------------------
