@@ -34,7 +34,7 @@ _JOIN_LIMIT = 64 << 10  # bodies up to this size are joined to the head (one buf
 
 
 class Sink(Protocol):
-    """Where an answer goes for a request sent with ``EngineClient.try_send`` (the edge's fast lane): called on the
+    """Where an answer goes for a request sent with ``EngineClient.send_on`` (the edge's fast lane): called on the
     event loop from the connection's parser callbacks, with no task or future in between. Exactly one of ``done``
     and ``failed`` ends every request; ``start``/``chunk`` come first when the answer is larger than the buffer
     limit (it is relayed as it arrives, and ``done`` then gets ``body=None``)."""
