@@ -607,29 +607,32 @@ def parse_upsert(body: bytes, cfg: CollectionConfig) -> Batch:
         vectors = matrix
         check_finite(vectors, "records[{i}]")
     if cfg.metric == "cosine":
-        peak = np.abs(vectors).max(axis=1)
-        zero = np.flatnonzero(~(peak > 0))
-        if len(zero):
-            raise Unprocessable(
-                f"records[{int(zero[0])}] ({ids[int(zero[0])]!r}): a zero vector has no cosine similarity",
-                code="invalid_vector",
-            )
-        # the length is kept as float32 (to give the vector back as it was sent): it must fit
-        large = np.flatnonzero(peak > SAFE_COMPONENT)
-        norms = vector_norms(vectors[large]) if len(large) else np.zeros(0)
-        huge = large[~(norms <= FLOAT32_MAX)]
-        if len(huge):
-            raise Unprocessable(
-                f"records[{int(huge[0])}] ({ids[int(huge[0])]!r}): the vector's length exceeds the float32 range "
-                f"({FLOAT32_MAX:.4g})",
-                code="invalid_vector",
-            )
+        bad = cosine_vector_problem(vectors)
+        if bad is not None:
+            raise Unprocessable(f"records[{bad[0]}] ({ids[bad[0]]!r}): {bad[1]}", code="invalid_vector")
     return Batch(ids, vectors, metas, texts)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # components up to this keep a float32 sum of squares finite at any dimension: 16,384 * (1e17)^2 = 1.6e38 < 3.4e38
 SAFE_COMPONENT = 1e17
+
+
+def cosine_vector_problem(vectors: np.ndarray) -> tuple[int, str] | None:
+    """The first row a cosine collection cannot take, and why: a zero vector (no direction), or a length beyond
+    float32 (each length is kept as float32 to give the vector back as it was sent). Upserts and imports both ask."""
+    if not len(vectors):
+        return None
+    peak = np.abs(vectors).max(axis=1)
+    zero = np.flatnonzero(~(peak > 0))
+    if len(zero):
+        return int(zero[0]), "a zero vector has no cosine similarity"
+    large = np.flatnonzero(peak > SAFE_COMPONENT)  # only these can have a length beyond float32
+    if len(large):
+        huge = large[~(vector_norms(vectors[large]) <= FLOAT32_MAX)]
+        if len(huge):
+            return int(huge[0]), f"the vector's length exceeds the float32 range ({FLOAT32_MAX:.4g})"
+    return None
 
 
 def vector_norms(vectors: np.ndarray) -> np.ndarray:

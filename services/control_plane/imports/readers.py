@@ -28,7 +28,7 @@ import orjson
 
 from services.control_plane.imports.source import ImportFailed
 from services.core.errors import VectaError
-from services.engine.schema import MAX_TEXT_LEN, _check_value, check_id
+from services.engine.schema import MAX_TEXT_LEN, _check_value, check_id, cosine_vector_problem
 
 FORMATS = ("jsonl", "parquet", "npy", "npz")
 RECORD_KEYS = frozenset({"id", "vector", "metadata", "text"})
@@ -147,14 +147,10 @@ def _check_vectors(vectors: np.ndarray, where: list[str], schema: Schema) -> Non
     if not finite.all():
         r, c = (int(x) for x in np.argwhere(~finite)[0])
         raise ImportFailed(f"{where[r]}: vector[{c}] is NaN, infinite or outside float32 range")
-    if schema.metric == "cosine" and len(vectors):
-        zero = np.flatnonzero(~(np.abs(vectors).max(axis=1) > 0))
-        if len(zero):
-            raise ImportFailed(f"{where[int(zero[0])]}: a zero vector has no cosine similarity")
-        v = vectors.astype(np.float64)  # as the engine checks it: a cosine collection keeps each length as float32
-        huge = np.flatnonzero(~(np.sqrt(np.einsum("ij,ij->i", v, v)) <= float(np.finfo(np.float32).max)))
-        if len(huge):
-            raise ImportFailed(f"{where[int(huge[0])]}: the vector's length exceeds the float32 range")
+    if schema.metric == "cosine":
+        bad = cosine_vector_problem(vectors)
+        if bad is not None:
+            raise ImportFailed(f"{where[bad[0]]}: {bad[1]}")
 
 
 # -- JSON Lines ---------------------------------------------------------------------------------------------
