@@ -52,6 +52,7 @@ from common import (
     client_ceiling,
     closed_loop,
     free_port,
+    http_closed_loop,
     http_json,
     http_worker_factory,
     id_to_index,
@@ -284,7 +285,24 @@ def parse_multi(body: bytes):
     return [[id_to_index(r["id"]) for r in row] for row in orjson.loads(body)["results"]]
 
 
-def http_search(port: int, reqs: list[bytes], concurrency: int, secs: float, label: str, batch: int = 1) -> RunResult:
+CLIENT = "epoll"  # --client: how concurrent HTTP clients are driven (common.http_closed_loop, or threads)
+
+
+def http_search(
+    port: int, reqs: list[bytes], concurrency: int, secs: float, label: str, batch: int = 1, client: str | None = None
+) -> RunResult:
+    if (client or CLIENT) == "epoll":
+        return http_closed_loop(
+            label,
+            HOST,
+            port,
+            reqs,
+            concurrency,
+            parse_single if batch == 1 else parse_multi,
+            queries_per_item=batch,
+            max_seconds=secs,
+            warmup=min(50, len(reqs)),
+        )
     return closed_loop(
         label,
         http_worker_factory(HOST, port, reqs, parse_single if batch == 1 else parse_multi),
@@ -343,6 +361,13 @@ def main() -> None:
     ap.add_argument("--engine-cmd", help="engine command before --data-dir (default: python -m services.engine serve)")
     ap.add_argument("--hnsw-params", default='{"M": {M}, "ef_construction": {efc}}')
     ap.add_argument("--ingest-concurrency", type=int, default=1)
+    ap.add_argument(
+        "--client",
+        choices=("epoll", "threads"),
+        default="epoll",
+        help="search clients: one thread driving every connection through epoll (default, like wrk), or one "
+        "Python thread per connection (the client of earlier runs; it takes ~2x the CPU from the engine)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved slices per baseline/figure pair")
     ap.add_argument("--index-timeout", type=float, default=900)
     ap.add_argument("--skip-fastapi", action="store_true")
@@ -358,6 +383,8 @@ def main() -> None:
         help="after the measured runs, profile the engine with py-spy under ingest and search load",
     )
     args = ap.parse_args()
+    global CLIENT
+    CLIENT = args.client
     n = args.n or (20_000 if args.quick else None)
     secs = args.secs or (4.0 if args.quick else 10.0)
 
@@ -512,8 +539,28 @@ def main() -> None:
         )
         rep.note(
             "engine 4 clients latency",
-            f"p50 {e4.pct(50):.3f} ms, p99 {e4.pct(99):.3f} ms, recall@10 {r_e4:.4f}",
+            f"p50 {e4.pct(50):.3f} ms, p99 {e4.pct(99):.3f} ms, recall@10 {r_e4:.4f} ({CLIENT} client)",
         )
+        if CLIENT == "epoll":  # the same with the client of earlier runs, for comparison (no goal)
+            raw2t, e4t = alternate(
+                [
+                    lambda s: raw_single(index, ds, 2, s, "raw faiss 2 threads, 1 query/call"),
+                    lambda s: http_search(
+                        eng.port, reqs1, 4, s, "engine HTTP 4 clients (thread client)", client="threads"
+                    ),
+                ],
+                secs,
+                args.rounds,
+            )
+            log(fmt_run(e4t, outputs_recall(e4t, ds.gt)))
+            rep.add(
+                "engine, 4 clients, one Python thread per client",
+                e4t.qps,
+                "q/s",
+                "raw faiss 2 threads",
+                raw2t.qps,
+                fmt="{:,.0f}",
+            )
 
         # ---- 100 queries per request vs raw batches of 100
         reqs100 = eng.search_reqs(name, search_bodies(ds.queries, eng_ef, batch=100))

@@ -414,11 +414,13 @@ def _single_search(body: bytes, dim: int) -> tuple[np.ndarray, int, int | None, 
         inc_v = doc["include_vectors"] if "include_vectors" in keys else False
         if type(inc_m) is not bool or type(inc_v) is not bool:
             return None
+        # finite and within float32 at once: a NaN or inf component makes the sum of squares non-finite, and a
+        # finite sum below 1e76 bounds every |component| by 1e38 (< float32's max); else the usual path decides
         with np.errstate(over="ignore"):
-            q = flat.astype(np.float32).reshape(1, dim)
-        if not np.isfinite(q).all():
+            sq = float(np.dot(flat, flat))
+        if not sq < 1e76:
             return None
-        return q, top_k, ef, nprobe, inc_m, inc_v
+        return flat.astype(np.float32).reshape(1, dim), top_k, ef, nprobe, inc_m, inc_v
     finally:
         doc = v = None  # release the parser's document
 

@@ -283,6 +283,7 @@ SINGLE_TAKEN = [
     b'{"vector": [0.1, -2.5e-3, 3e10, 4], "top_k": 3, "params": {"ef": 40}, "include_metadata": true}',
     b'{"top_k": 1000, "vector": [1, 2, 3, 4], "params": null, "include_vectors": true, "include_metadata": false}',
     b'{"vector": [1, 2, 3, 4], "params": {"nprobe": 7, "ef": 65536}}',
+    b'{"vector": [1e37, -2, 3, 4]}',  # large, within float32
 ]
 SINGLE_DECLINED = [
     b'{"vector": [1, 2, 3, 4], "filter": {"genre": "a"}}',  # a key it does not handle
@@ -292,6 +293,7 @@ SINGLE_DECLINED = [
     b'{"vector": [1, 2, 3, 4], "vector": [1, 2, 3, 4]}',  # repeated key
     b'{"vector": [1, 2, 3, "4"]}',
     b'{"vector": [1, 2, 3, 1e39]}',  # beyond float32
+    b'{"vector": [1, 2, 3, 1e200]}',  # its square is beyond float64
     b'{"vector": [1, 2, 3, 4], "top_k": 0}',
     b'{"vector": [1, 2, 3, 4], "top_k": 2.0}',
     b'{"vector": [1, 2, 3, 4], "top_k": true}',
