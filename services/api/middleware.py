@@ -8,20 +8,24 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.core.metrics import RequestMetrics
 from services.core.request_context import RequestContext, reset_request, set_request
 
-REQUESTS = Counter("vecta_http_requests_total", "HTTP requests", ["method", "route", "status"])
-LATENCY = Histogram(
+# requests and latency by method and route template: plain counts exported by a collector (services/core/metrics.py:
+# ~0.5 µs a request where prometheus_client's Counter + Histogram took ~5-7 µs, on the edge's fast lane too)
+HTTP_METRICS = RequestMetrics(
+    "vecta_http_requests",
+    "HTTP requests",
     "vecta_http_request_duration_seconds",
     "HTTP request latency",
     ["method", "route"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+REGISTRY.register(HTTP_METRICS)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # Request ids: 32 hex characters like a uuid4's, from a random per-process prefix and a counter (a uuid4 costs a
 # getrandom system call and an object per request; ids need to be unique, not secret).
@@ -42,20 +46,9 @@ def request_id_from(value: bytes | None) -> str:
     return new_request_id()
 
 
-_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-
 def observe(method: str, route: str, status: int, seconds: float) -> None:
-    """Record one request in the Prometheus metrics (the labelled children are cached: ``labels()`` takes a lock
-    and builds its key on every call)."""
-    key = (method, route, status)
-    pair = _children.get(key)
-    if pair is None:
-        if len(_children) > 10_000:
-            _children.clear()
-        pair = _children[key] = (LATENCY.labels(method, route), REQUESTS.labels(method, route, str(status)))
-    pair[0].observe(seconds)
-    pair[1].inc()
+    """Record one request in the metrics."""
+    HTTP_METRICS.observe((method, route), status, seconds)
 
 
 class RequestContextMiddleware:

@@ -14,10 +14,8 @@ import itertools
 import logging
 import os
 import secrets
-import threading
 import time
-from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,8 +23,6 @@ import faiss
 import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
 
 from services.core.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -40,6 +36,7 @@ from services.core.errors import (
     VectaError,
     problem_for_status,
 )
+from services.core.metrics import RequestMetrics
 
 from .crypto import CorruptionError
 from .engine import Engine, open_store
@@ -62,59 +59,17 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
-class _RequestMetrics:
-    """``vecta_engine_requests_total`` (route, status) and ``vecta_engine_request_seconds`` (route), kept as plain
-    counts under one lock and exported by ``collect`` (a custom collector). prometheus_client's Counter and
-    Histogram cost ~5 us a request between them (a lock per value, a bucket loop in Python); this ~0.5 us, which
-    matters on the fast lane's ~100 us budget of Python (decision 007)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.buckets: dict[str, list[int]] = {}  # per route: one count per bound, the last one above them all
-        self.sums: dict[str, float] = {}
-
-    def add_route(self, route: str) -> None:
-        with self.lock:
-            self.buckets.setdefault(route, [0] * (len(LATENCY_BUCKETS) + 1))
-            self.sums.setdefault(route, 0.0)
-            self.requests.setdefault((route, 200), 0)
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        i = bisect_left(LATENCY_BUCKETS, seconds)  # Histogram.observe's bucket: the first bound >= the value
-        key = (route, status)
-        with self.lock:
-            counts = self.buckets.get(route)
-            if counts is None:
-                counts = self.buckets[route] = [0] * (len(LATENCY_BUCKETS) + 1)
-                self.sums[route] = 0.0
-            counts[i] += 1
-            self.sums[route] += seconds
-            self.requests[key] = self.requests.get(key, 0) + 1
-
-    def snapshot(self) -> tuple[dict[tuple[str, int], int], dict[str, list[int]], dict[str, float]]:
-        with self.lock:
-            return dict(self.requests), {r: list(c) for r, c in self.buckets.items()}, dict(self.sums)
-
-    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
-        requests, buckets, sums = self.snapshot()
-        counter = CounterMetricFamily(
-            "vecta_engine_requests", "Requests by route and status", labels=["route", "status"]
-        )
-        for (route, status), n in sorted(requests.items()):
-            counter.add_metric([route, str(status)], n)
-        yield counter
-        hist = HistogramMetricFamily("vecta_engine_request_seconds", "Request latency by route", labels=["route"])
-        bounds = [*(floatToGoString(b) for b in LATENCY_BUCKETS), "+Inf"]
-        for route, counts in sorted(buckets.items()):
-            hist.add_metric([route], list(zip(bounds, itertools.accumulate(counts), strict=True)), sums[route])
-        yield hist
-
-
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.http = _RequestMetrics()
+        self.http = RequestMetrics(
+            "vecta_engine_requests",
+            "Requests by route and status",
+            "vecta_engine_request_seconds",
+            "Request latency by route",
+            ["route"],
+            LATENCY_BUCKETS,
+        )
         self.registry.register(self.http)
         self.vectors = Gauge(
             "vecta_engine_vectors", "Live vectors by collection", ["collection"], registry=self.registry
@@ -131,8 +86,10 @@ class _Metrics:
         for route in (*sorted(READ_ROUTES | WRITE_ROUTES), "collection", "collections"):
             # made now rather than at a route's first request: made midway through a bulk load, these long-lived
             # objects would land among its short-lived ones and keep those allocator arenas from being freed
-            self.http.add_route(route)
-        self.observe = self.http.observe
+            self.http.add((route,))
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.http.observe((route,), status, seconds)
 
     def request_stats(self) -> dict[str, Any]:
         """Cumulative counts and latency histograms of the data-plane requests served (2xx) since this process
@@ -146,12 +103,12 @@ class _Metrics:
             "write": {"count": 0, "latency_sum_ms": 0.0, "latency_counts": [0] * n},
         }
         _requests, buckets, sums = self.http.snapshot()
-        for route, counts in buckets.items():
+        for (route,), counts in buckets.items():
             kind = "read" if route in READ_ROUTES else "write" if route in WRITE_ROUTES else None
             if kind is None:
                 continue
             out[kind]["count"] += sum(counts)
-            out[kind]["latency_sum_ms"] += sums[route] * 1000
+            out[kind]["latency_sum_ms"] += sums[(route,)] * 1000
             acc = out[kind]["latency_counts"]
             for i, c in enumerate(counts):
                 acc[i] += c
