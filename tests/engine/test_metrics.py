@@ -1,5 +1,6 @@
-"""The engine's request metrics (services/core/metrics.py, the API's too): plain counts exported as Prometheus counter + histogram families, with the
-same names, labels, buckets and values a prometheus_client Counter and Histogram would export."""
+"""The engine's request metrics (services/core/metrics.py; the API's middleware uses the same): plain counts
+exported as Prometheus counter + histogram families, with the same names, labels, buckets and values a
+prometheus_client Counter and Histogram would export."""
 
 from __future__ import annotations
 
