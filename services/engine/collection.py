@@ -28,6 +28,7 @@ import orjson
 
 from services.core.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable
 
+from . import malloc
 from .crypto import CorruptionError, DataCipher
 from .idmap import ROW_MASK, SEG_SHIFT, IdMap, PackedIds
 from .schema import (
@@ -731,7 +732,7 @@ class Collection:
 
     def seal(self) -> bool:
         """Freeze the growing segment (searched exactly until its index is built); start a new WAL."""
-        with self.write_lock:
+        with malloc.steady(), self.write_lock:
             if self.dropped or self.growing.n == 0:
                 return False
             old = self.growing
@@ -789,7 +790,8 @@ class Collection:
             plan = self.build_plan()
             if not plan or self.dropped:
                 return False
-            self.build(plan)
+            with malloc.steady():  # its buffers are long-lived or huge: mapped, not in the heap
+                self.build(plan)
             return True
 
     def build(self, plan: list[Segment]) -> Segment | None:

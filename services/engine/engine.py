@@ -13,7 +13,6 @@ length captured under the collections' write locks) plus an encrypted ``SNAPSHOT
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -21,7 +20,6 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,10 @@ from services.core.objectstore import ObjectStore, ObjectStoreError, open_object
 
 from .collection import Collection, Settings
 from .crypto import CorruptionError, DataCipher
+from .malloc import bulk_allocations, end_write_burst, trim_memory, tune_malloc, write_burst_idle
 from .schema import CollectionConfig, release_parse_buffers
+
+__all__ = ["Engine", "bulk_allocations", "rss_bytes", "trim_memory", "tune_malloc"]
 
 log = logging.getLogger("vecta.engine")
 
@@ -181,6 +182,8 @@ class Engine:
                 log.exception("maintenance failed")
                 did = False
             dirty |= did
+            if write_burst_idle():
+                end_write_burst()
             if not did:
                 if dirty:  # a seal or build just finished: writes paused; return build and parse buffers
                     release_parse_buffers()
@@ -373,65 +376,6 @@ def _dir_size(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-_libc: Any = None
-
-
-def _glibc() -> Any:
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            lib = ctypes.CDLL("libc.so.6")
-            _libc = lib if hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _libc = False
-    return _libc
-
-
-_MMAP_THRESHOLD = 1 << 20
-BULK_MMAP_THRESHOLD = 8 << 20  # above crypto.CHUNK (4 MiB) plus its tag: chunk-sized temporaries reuse the heap
-_tuned = False
-
-
-def tune_malloc() -> None:
-    """Process-wide (the server calls it at start): buffers of 1 MiB and more (request bodies, vector batches,
-    index builds) are mmap'ed and go back to the OS when freed, instead of fragmenting the heap arenas."""
-    global _tuned
-    lib = _glibc()
-    if lib:
-        lib.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (a fixed value also stops glibc from raising it)
-        lib.mallopt(-8, 2)  # M_ARENA_MAX: fewer per-thread arenas holding freed memory
-        _tuned = True
-
-
-@contextlib.contextmanager
-def bulk_allocations() -> Iterator[None]:
-    """While loading data (open, restore): chunk-sized buffers come from the heap, not from fresh mmaps.
-    Decrypting a segment allocates and frees one 4 MiB chunk after another; with the 1 MiB threshold each was a
-    new mapping whose pages were faulted in anew (~20 % of a 100k-vector restore). Larger buffers (the whole
-    segment, indexes, a growing segment's reserved space) stay mmap'ed: on the heap they would land on pages
-    already touched and count in RSS untouched. Afterwards the tuned threshold is back and the freed heap is
-    trimmed. Nothing changes in a process not tuned."""
-    lib: Any = _glibc() if _tuned else None
-    if not lib:
-        yield
-        return
-    lib.mallopt(-3, BULK_MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        lib.mallopt(-3, _MMAP_THRESHOLD)
-        lib.malloc_trim(0)
-
-
-def trim_memory() -> None:
-    """Give freed heap pages back to the OS (after index builds and bursts of writes)."""
-    lib = _glibc()
-    if lib:
-        lib.malloc_trim(0)
 
 
 def rss_bytes() -> int:

@@ -38,6 +38,7 @@ from services.core.errors import (
 )
 from services.core.metrics import RequestMetrics
 
+from . import malloc
 from .crypto import CorruptionError
 from .engine import Engine, open_store
 from .replication import Follower, Primary
@@ -396,6 +397,7 @@ class EngineApp:
                 if action == "upsert":
                     # parse and validate off the event loop and outside the write lock (batches from several
                     # connections parse concurrently), then hand the batch to the collection's group commit
+                    malloc.write_burst()  # its temporaries reuse the heap (malloc.py)
                     batch = await loop.run_in_executor(self.parse_pool, parse_upsert, body, coll.cfg)
                     del body
                     n = await self._commit(coll, batch)
