@@ -20,7 +20,6 @@ engine that answered before reading all of it) is closed, never returned to the 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import time
 from collections import deque
@@ -32,19 +31,6 @@ import httptools
 
 _RELAY = frozenset({b"content-type", b"retry-after"})  # the engine's headers the edge passes on
 _JOIN_LIMIT = 64 << 10  # bodies up to this size are joined to the head (one buffer, one write)
-# A whole answer of the engine in one read, the plainest HTTP/1.1 (what the engine sends: status line, a few token
-# headers with visible-ASCII values, Content-Length): read for the fast lane without llhttp's callbacks; anything
-# else goes to llhttp (``Connection.data_received``).
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VALUE = rb"[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*"
-_RAW_ANSWER = re.compile(
-    rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: [\x20-\x7e]*)?\r\n((?:"
-    + _TOKEN
-    + rb":[ \t]*"
-    + _VALUE
-    + rb"[ \t]*\r\n){1,32})\r\n"
-)
-_RAW_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
 
 
 class Sink(Protocol):
@@ -144,7 +130,6 @@ class Connection(asyncio.Protocol):
         self.sink: Sink | None = None
         self.relaying = False  # the sink has been given the head of a large answer and gets its body piecewise
         self.length: int | None = None  # the answer's Content-Length (for relaying it)
-        self.between = True  # llhttp is between answers (nothing of the next one fed to it yet)
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,8 +138,6 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.waiter is None and not self.streaming and self.sink is None:  # an engine must not answer unasked
             self.abort()
-            return
-        if self.sink is not None and self.between and self._raw(data):
             return
         try:
             self.parser.feed_data(data)
@@ -187,54 +170,7 @@ class Connection(asyncio.Protocol):
             self.drain_waiter = self.loop.create_future()
             await self.drain_waiter
 
-    def _raw(self, data: bytes) -> bool:
-        """A fast-lane answer that came whole in one read (``_RAW_ANSWER``): handed to the sink as
-        ``on_message_complete`` would, without llhttp's callbacks. False: llhttp's to read."""
-        m = _RAW_ANSWER.match(data)
-        if m is None:
-            return False
-        status = int(m.group(1))
-        if status in (204, 304):
-            return False
-        length = -1
-        keep_alive = True
-        headers = []
-        for name, value in _RAW_HEADER.findall(m.group(2)):
-            name = name.lower()
-            if name in _RELAY:
-                headers.append((name, value))
-            elif name == b"content-length":
-                if length >= 0 or not value.isdigit() or len(value) > 12:
-                    return False
-                length = int(value)
-            elif name == b"transfer-encoding":
-                return False
-            elif name == b"connection":
-                token = value.lower()
-                if token == b"close":
-                    keep_alive = False
-                elif token != b"keep-alive":
-                    return False
-        end = m.end()
-        if length < 0 or len(data) - end != length:
-            return False
-        self.status, self.headers, self.complete, self.keep_alive = status, headers, True, keep_alive
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        sink = self.sink
-        assert sink is not None
-        self.sink = None
-        self._release()
-        self.pool.slot_freed()
-        self.pool.client.raw_answers += 1
-        sink.done(status, headers, data[end:])
-        return True
-
     # -- httptools callbacks -----------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.between = False
-
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name in _RELAY:
@@ -280,7 +216,6 @@ class Connection(asyncio.Protocol):
                 waiter.set_result(EngineResponse(self.status, self.headers, None, self))
 
     def on_message_complete(self) -> None:
-        self.between = True
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()  # asked now: llhttp resets once the callback returns
         if self.timer is not None:
@@ -525,7 +460,6 @@ class EngineClient:
         self.max_idle_per_host = max_idle_per_host
         self.idle_seconds = idle_seconds
         self.buffer_limit = buffer_limit
-        self.raw_answers = 0  # fast-lane answers read whole without llhttp (``Connection._raw``)
         self._pools: dict[str, _HostPool] = {}
 
     def _pool(self, base_url: str) -> _HostPool:

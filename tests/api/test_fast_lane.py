@@ -237,7 +237,6 @@ async def test_the_raw_path_answers_as_llhttps_callbacks_do(app: FastAPI, world:
     as the usual path."""
     edge = app.state.edge
     cid, key, port = world["cid"], world["reader"], world["served"].port
-    raw_answers = edge.engine.raw_answers
     for rest, doc in READS:
         body = orjson.dumps(doc)
         usual = await world["usual"].post(
@@ -251,7 +250,6 @@ async def test_the_raw_path_answers_as_llhttps_callbacks_do(app: FastAPI, world:
         split = await _exchange(port, [req[:40], req[40:]])
         assert (edge.fast_raw, edge.fast_forwarded) == (raw_before + 1, fast_before + 2), rest
         assert whole == split == [(200, usual.content)], rest
-    assert edge.engine.raw_answers >= raw_answers + 2 * len(READS)  # the engine's answers came whole: read raw
 
 
 ODD_HEADS = [
@@ -340,8 +338,6 @@ class FakeEngine:
         self.delay = 0.0
         self.requests = 0
         self.server: asyncio.Server | None = None
-        self.head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-        self.split = 0  # write the answer in two pieces, this many bytes first
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -363,16 +359,9 @@ class FakeEngine:
                     return
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                out = (self.head % len(self.answer) if b"%d" in self.head else self.head) + self.answer
-                if self.split:
-                    writer.write(out[: self.split])
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
-                    out = out[self.split :]
-                writer.write(out)
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                writer.write(head % len(self.answer) + self.answer)
                 await writer.drain()
-                if b"connection: close" in self.head:
-                    break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -416,49 +405,6 @@ async def test_a_failed_forward_goes_down_the_usual_path(
         assert r.status_code == 200 and r.content == engine.answer
         assert edge.fast_forwarded == before + 1  # tried fast, dropped, then asked again on the usual path
         assert engine.requests == seen + 2
-
-
-ANSWERS = [
-    # (what, head, answer body, split): how the engine answers, and whether the raw reader takes it
-    ("plain", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n", b"{}", 0, True),
-    ("problem", b"HTTP/1.1 404 Not Found\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
-     b"x-other: 1\r\n\r\n", b'{"status":404}', 0, True),
-    ("retry-after", b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 2\r\ncontent-type: application/json\r\n"
-     b"content-length: %d\r\n\r\n", b'{"status":503}', 0, True),
-    ("split", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n", b'{"a":1}', 20,
-     False),
-    ("chunked", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
-     b'7\r\n{"a":2}\r\n0\r\n\r\n', 0, False),
-    ("connection close", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
-     b"content-length: %d\r\n\r\n", b'{"a":3}', 0, True),
-    ("folded", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-a: 1\r\n 2\r\ncontent-length: %d\r\n\r\n",
-     b'{"a":4}', 0, False),
-]  # fmt: skip
-
-
-async def test_engine_answers_read_raw_or_by_llhttp_are_relayed_alike(
-    app: FastAPI, world: dict[str, Any], fake: dict[str, Any]
-) -> None:
-    """Each way the engine may answer reaches the client the same through the fast lane (read raw when whole
-    and plain, else by llhttp) as through the usual path."""
-    edge, engine = app.state.edge, fake["engine"]
-    url = dp(fake["cid"], "/docs/search")
-    async with httpx.AsyncClient(base_url=world["served"].url) as http:
-        for what, head, answer, split, raw in ANSWERS:
-            engine.head, engine.answer, engine.split = ANSWERS[0][1], answer, 0
-            await http.post(url, json={"vector": [1.0]}, headers=fake["h"])  # a pooled connection for the next
-            engine.head, engine.split = head, split
-            fast_before, raw_before = edge.fast_forwarded, edge.engine.raw_answers
-            fast = await http.post(url, json={"vector": [1.0]}, headers=fake["h"])
-            usual = await world["usual"].post(url, json={"vector": [1.0]}, headers=fake["h"])
-            assert edge.fast_forwarded == fast_before + 1, what
-            assert edge.engine.raw_answers == raw_before + raw, what
-            assert (fast.status_code, fast.content) == (usual.status_code, usual.content), what
-            for name in ("content-type", "retry-after", "x-other"):
-                assert fast.headers.get(name) == usual.headers.get(name), (what, name)
-    engine.head = ANSWERS[0][1]
-    engine.split = 0
-    engine.answer = b'{"matches":[]}'
 
 
 async def test_a_large_answer_is_relayed_whole(app: FastAPI, world: dict[str, Any], fake: dict[str, Any]) -> None:
