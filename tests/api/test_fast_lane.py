@@ -338,6 +338,8 @@ class FakeEngine:
         self.delay = 0.0
         self.requests = 0
         self.server: asyncio.Server | None = None
+        self.head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+        self.split = 0  # write the answer in two pieces, this many bytes first
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -359,9 +361,16 @@ class FakeEngine:
                     return
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-                writer.write(head % len(self.answer) + self.answer)
+                out = (self.head % len(self.answer) if b"%d" in self.head else self.head) + self.answer
+                if self.split:
+                    writer.write(out[: self.split])
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    out = out[self.split :]
+                writer.write(out)
                 await writer.drain()
+                if b"connection: close" in self.head:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -405,6 +414,47 @@ async def test_a_failed_forward_goes_down_the_usual_path(
         assert r.status_code == 200 and r.content == engine.answer
         assert edge.fast_forwarded == before + 1  # tried fast, dropped, then asked again on the usual path
         assert engine.requests == seen + 2
+
+
+ANSWERS = [
+    # (what, head, answer body, split): how the engine answers
+    ("plain", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n", b"{}", 0),
+    ("problem", b"HTTP/1.1 404 Not Found\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
+     b"x-other: 1\r\n\r\n", b'{"status":404}', 0),
+    ("retry-after", b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 2\r\ncontent-type: application/json\r\n"
+     b"content-length: %d\r\n\r\n", b'{"status":503}', 0),
+    ("split", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n", b'{"a":1}', 20),
+    ("chunked", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+     b'7\r\n{"a":2}\r\n0\r\n\r\n', 0),
+    ("connection close", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+     b"content-length: %d\r\n\r\n", b'{"a":3}', 0),
+    ("folded", b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-a: 1\r\n 2\r\ncontent-length: %d\r\n\r\n",
+     b'{"a":4}', 0),
+]  # fmt: skip
+
+
+async def test_engine_answers_read_raw_or_by_llhttp_are_relayed_alike(
+    app: FastAPI, world: dict[str, Any], fake: dict[str, Any]
+) -> None:
+    """Each way the engine may answer reaches the client the same through the fast lane as through the usual
+    path."""
+    edge, engine = app.state.edge, fake["engine"]
+    url = dp(fake["cid"], "/docs/search")
+    async with httpx.AsyncClient(base_url=world["served"].url) as http:
+        for what, head, answer, split in ANSWERS:
+            engine.head, engine.answer, engine.split = ANSWERS[0][1], answer, 0
+            await http.post(url, json={"vector": [1.0]}, headers=fake["h"])  # a pooled connection for the next
+            engine.head, engine.split = head, split
+            fast_before = edge.fast_forwarded
+            fast = await http.post(url, json={"vector": [1.0]}, headers=fake["h"])
+            usual = await world["usual"].post(url, json={"vector": [1.0]}, headers=fake["h"])
+            assert edge.fast_forwarded == fast_before + 1, what
+            assert (fast.status_code, fast.content) == (usual.status_code, usual.content), what
+            for name in ("content-type", "retry-after", "x-other"):
+                assert fast.headers.get(name) == usual.headers.get(name), (what, name)
+    engine.head = ANSWERS[0][1]
+    engine.split = 0
+    engine.answer = b'{"matches":[]}'
 
 
 async def test_a_large_answer_is_relayed_whole(app: FastAPI, world: dict[str, Any], fake: dict[str, Any]) -> None:
