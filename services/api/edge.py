@@ -127,7 +127,6 @@ class Edge:
         self._turn = 0  # round-robin over a cluster's readers
         self._down: dict[str, float] = {}  # reader URL -> monotonic time until which it is skipped
         self.fast_forwarded = 0  # requests sent by the fast lane (services/api/fast_lane.py)
-        self.fast_raw = 0  # of them, read by its raw path rather than llhttp's callbacks
         self._refreshing: set[str] = set()  # clusters whose route is being looked up again in the background
         # (subject, cluster) -> the subject's privileges there, for the fast lane (a subject is immutable; a new
         # verification makes a new one)

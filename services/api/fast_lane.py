@@ -11,11 +11,6 @@ plain collection name, HTTP/1.1 keep-alive, no query string, no percent-encoding
 nothing else in flight, when ``Edge.fast_target`` finds everything it needs at hand (a cached verification of the
 bearer, the cluster's cached RUNNING route, the privilege, the rate limits counted without waiting, an idle engine
 connection).
-A read that arrives whole in one read, with nothing else in flight, is not even fed to llhttp: the raw path
-(``EdgeProtocol.data_received``) matches its head against a strict pattern (``_RAW_HEAD``: the plainest HTTP/1.1, a
-subset of what llhttp accepts, read the same way) and forwards it, which saves llhttp's callbacks and uvicorn's
-per-request scope. Anything else there (a folded or non-ASCII header, two lengths, chunked, a request split over
-reads or with another behind it) is fed to llhttp, as before.
 Everything else, every error included, takes the usual path (``Edge.dispatch``): a request the fast lane declines is
 handed to uvicorn as if it had just been parsed, and one whose forward fails (the engine went away, or a read
 replica failed or is not in sync) is sent down the usual path then, which retries it as it retries any read (reads
@@ -30,7 +25,6 @@ they are missing the class is uvicorn's own, unchanged (``ENABLED``).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import weakref
 from collections.abc import Iterator
@@ -49,17 +43,6 @@ ENABLED = all(hasattr(HttpToolsProtocol, n) for n in ("_start_asgi_task", "on_re
 _TEMPLATE = DATAPLANE_PREFIX + "{rest}"
 _PREFIX = b"/v1/clusters/"
 FAST_BODY_LIMIT = 256 << 10  # reads are small: a larger body goes down the usual path (and its limits) as it comes
-# The whole head of a request the raw path takes (``EdgeProtocol.data_received``): strictly the plainest HTTP/1.1,
-# a subset of what llhttp accepts and reads the same way (token header names, visible-ASCII values with single
-# inner blanks, no obs-fold, no obs-text); anything else is llhttp's to parse.
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VALUE = rb"[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*"
-_RAW_HEAD = re.compile(
-    rb"POST (/v1/clusters/[A-Za-z0-9._~-]+/collections/[A-Za-z0-9._~-]+/[a-z-]+) HTTP/1\.1\r\n"
-    rb"((?:" + _TOKEN + rb":[ \t]*" + _VALUE + rb"[ \t]*\r\n){1,32})\r\n"
-)
-_RAW_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")[ \t]*\r\n")
-_RAW_REFUSED = frozenset({b"transfer-encoding", b"expect", b"upgrade"})  # llhttp's to handle
 
 
 class _NoEvent:
@@ -83,33 +66,16 @@ class _InFlight:
 class _Forward:
     """One request in the fast lane: the engine connection's sink (``edge_client.Sink``)."""
 
-    __slots__ = ("_scope", "body", "headers", "proto", "relayed", "rid", "started", "target", "url")
+    __slots__ = ("body", "proto", "relayed", "rid", "scope", "started", "target")
 
-    def __init__(
-        self,
-        proto: EdgeProtocol,
-        scope: dict[str, Any] | None,
-        url: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        target: FastTarget,
-        rid: bytes,
-    ) -> None:
+    def __init__(self, proto: EdgeProtocol, scope: dict[str, Any], body: bytes, target: FastTarget, rid: bytes) -> None:
         self.proto = proto
-        self._scope = scope  # made when needed (a decline, an error) for a request the raw path read
-        self.url = url
-        self.headers = headers
+        self.scope = scope
         self.body = body
         self.target = target
         self.rid = rid
         self.relayed: int | None = None  # the status of an answer being relayed piecewise
         self.started = time.perf_counter()
-
-    @property
-    def scope(self) -> dict[str, Any]:
-        if self._scope is None:
-            self._scope = self.proto.scope_for(self.url, self.headers)
-        return self._scope
 
     def _head(self, status: int, headers: list[tuple[bytes, bytes]], tail: bytes) -> list[bytes]:
         head = [STATUS_LINE[status]]
@@ -123,7 +89,7 @@ class _Forward:
     def done(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None) -> None:
         proto = self.proto
         if body is None:  # relayed as it came (start/chunk)
-            proto.fast_finished(status, self.started)
+            proto.fast_finished(self.scope["method"], status, self.started)
             return
         if status == 503 and self.target.member != self.target.route.engine_url:
             self.target_failed(None)  # a read replica not (yet) in sync: the usual path reads
@@ -133,7 +99,7 @@ class _Forward:
         head.append(body)
         if not proto.transport.is_closing():
             proto.transport.write(b"".join(head))
-        proto.fast_finished(status, self.started)
+        proto.fast_finished(self.scope["method"], status, self.started)
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         self.relayed = status
@@ -154,7 +120,7 @@ class _Forward:
         status = self.relayed
         if status is not None:  # half relayed: as on the usual path, the connection is closed
             proto.transport.close()
-            proto.fast_finished(status, self.started)
+            proto.fast_finished(self.scope["method"], status, self.started)
             return
         route = self.target.route
         if isinstance(exc, TimeoutError) and self.target.member == route.engine_url:
@@ -189,92 +155,11 @@ class EdgeProtocol(HttpToolsProtocol):
         self.inflight = _InFlight()
         self.forward: _Forward | None = None  # the fast-lane request in flight
         self.auth_memo: list[bytes | str] = []  # the last bearer seen on this connection and its hash
-        self.between = True  # llhttp is between requests (nothing of the next one fed to it yet)
-        self.usual = False  # the request being parsed was declined by the raw path: it takes the usual path
-
-    # -- the raw path --------------------------------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
-        """A read that arrives whole in one piece, with nothing else in flight, is parsed here (``_RAW_HEAD``)
-        instead of by llhttp's callbacks, and forwarded at once; anything else, or a request the fast lane
-        declines, is fed to llhttp as usual (it is then between requests, so it reads the same bytes from their
-        start)."""
-        if (
-            self.between
-            and data.startswith(b"POST /v1/clusters/")
-            and self.edge is not None
-            and self.forward is None
-            and (self.cycle is None or self.cycle.response_complete)
-            and not self.pipeline
-        ):
-            self._unset_keepalive_if_required()
-            taken = self._raw(data)
-            if taken:
-                return
-            # declined by the fast lane: llhttp parses it, and it takes the usual path (not parsed here, or not
-            # whole: llhttp parses it, and the fast lane may take it from llhttp's callbacks)
-            self.usual = taken is False
-        super().data_received(data)
-
-    def _raw(self, data: bytes) -> bool | None:
-        """True: forwarded. False: a whole request the fast lane declined. None: not one for this path."""
-        m = _RAW_HEAD.match(data)
-        if m is None:
-            return None
-        length = -1
-        headers = []
-        for name, value in _RAW_HEADER.findall(m.group(2)):
-            name = name.lower()
-            if name == b"content-length":
-                if length >= 0 or not value.isdigit() or len(value) > 9:
-                    return None
-                length = int(value)
-            elif name in _RAW_REFUSED or (name == b"connection" and value.lower() != b"keep-alive"):
-                return None
-            headers.append((name, value))
-        end = m.end()
-        if length < 0 or len(data) - end != length:  # the body: all of it here, and nothing after it
-            return None
-        url = m.group(1)
-        body = data[end:]
-        edge = self.edge
-        assert edge is not None
-        target = edge.fast_target(url, headers, body, self.auth_memo)
-        if target is None:
-            return False
-        edge.fast_raw += 1
-        self._forward(None, url, headers, body, target)
-        return True
-
-    def scope_for(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-        """The ASGI scope uvicorn would have made for a POST of ``url`` (plain ASCII, no query) read by the raw
-        path (as ``on_message_begin`` and ``on_headers_complete`` make it)."""
-        path = url.decode("ascii")
-        return {
-            "type": "http",
-            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
-            "http_version": "1.1",
-            "server": self.server,
-            "client": self.client,
-            "scheme": self.scheme,
-            "root_path": self.root_path,
-            "headers": headers,
-            "state": self.app_state.copy(),
-            "method": "POST",
-            "path": self.root_path + path,
-            "raw_path": self.root_path.encode("ascii") + url,
-            "query_string": b"",
-        }
-
-    # -- llhttp's callbacks ----------------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.between = False
-        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         url = self.url
         if (
             self.edge is not None
-            and not self.usual
             and self.forward is None
             and url.startswith(_PREFIX)
             and self.parser.get_method() == b"POST"
@@ -312,8 +197,6 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self.between = True
-        self.usual = False
         pieces = self.fast_body
         if pieces is None:
             super().on_message_complete()
@@ -327,40 +210,28 @@ class EdgeProtocol(HttpToolsProtocol):
         if target is None:
             self._to_asgi(scope, body)
             return
-        self._forward(scope, self.url, self.headers, body, target)
-
-    def _forward(
-        self,
-        scope: dict[str, Any] | None,
-        url: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        target: FastTarget,
-    ) -> None:
         rid = None
-        for name, value in headers:
+        for name, value in self.headers:
             if name == b"x-request-id":
                 rid = value
                 break
-        forward = _Forward(self, scope, url, headers, body, target, request_id_from(rid).encode())
+        forward = _Forward(self, scope, body, target, request_id_from(rid).encode())
         self.forward = forward
         inflight = self.inflight
         inflight.response_complete = False
         inflight.keep_alive = True
         self.cycle = inflight  # type: ignore[assignment]  # requests pipelined behind this one wait
-        edge = self.edge
-        assert edge is not None
         edge.engine.send_on(target.conn, "POST", target.target, target.headers, body, forward)
 
     # -- the fast lane's ends ----------------------------------------------------------------------------
-    def fast_finished(self, status: int, started: float) -> None:
+    def fast_finished(self, method: str, status: int, started: float) -> None:
         """The answer is written: what uvicorn does when a response completes."""
         self.forward = None
         inflight = self.inflight
         inflight.response_complete = True
         if self.cycle is inflight:
             self.cycle = None  # type: ignore[assignment]
-        observe("POST", _TEMPLATE, status, time.perf_counter() - started)
+        observe(method, _TEMPLATE, status, time.perf_counter() - started)
         if not inflight.keep_alive and not self.transport.is_closing():
             self.transport.close()  # asked to shut down meanwhile, or an answer delimited by the close
         self.on_response_complete()
