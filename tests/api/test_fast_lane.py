@@ -30,13 +30,13 @@ def dp(cluster_id: str, rest: str = "") -> str:
 
 
 class Served:
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, http: Any = EdgeProtocol) -> None:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.sock = sock
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, http=EdgeProtocol, lifespan="off", log_level="warning", access_log=False)
+        config = uvicorn.Config(app, http=http, lifespan="off", log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None
 
@@ -208,7 +208,94 @@ async def test_pipelined_requests_keep_their_order(app: FastAPI, world: dict[str
         writer.close()
 
 
-async def _read_responses(reader: asyncio.StreamReader, n: int) -> list[tuple[int, bytes]]:
+async def _exchange(port: int, pieces: list[bytes], answers: int = 1) -> list[tuple[int, bytes]]:
+    """Send ``pieces`` on a new connection, each in its own write (a short pause between them so that they
+    arrive as separate reads), and read ``answers`` answers (or until the server closes the connection)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i, piece in enumerate(pieces):
+            if i:
+                await asyncio.sleep(0.05)
+            writer.write(piece)
+            await writer.drain()
+        return await _read_responses(reader, answers, until_closed=True)
+    finally:
+        writer.close()
+
+
+def _raw_request(cid: str, key: str, rest: str, body: bytes, head: str | None = None, extra: str = "") -> bytes:
+    head = head or f"POST {dp(cid, rest)} HTTP/1.1"
+    return (
+        f"{head}\r\nhost: x\r\nauthorization: Bearer {key}\r\n{extra}"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def test_a_request_whole_or_split_over_reads_goes_fast_alike(app: FastAPI, world: dict[str, Any]) -> None:
+    """A read that arrives in one piece and the same request split over two reads both take the fast lane and
+    answer the usual path's bytes."""
+    edge = app.state.edge
+    cid, key, port = world["cid"], world["reader"], world["served"].port
+    for rest, doc in READS:
+        body = orjson.dumps(doc)
+        usual = await world["usual"].post(
+            dp(cid, rest), content=body, headers={**auth(key), "content-type": "application/json"}
+        )
+        await _exchange(port, [_raw_request(cid, key, rest, body)])  # warms the caches
+        fast_before = edge.fast_forwarded
+        whole = await _exchange(port, [_raw_request(cid, key, rest, body)])
+        req = _raw_request(cid, key, rest, body)
+        split = await _exchange(port, [req[:40], req[40:]])
+        assert edge.fast_forwarded == fast_before + 2, rest
+        assert whole == split == [(200, usual.content)], rest
+
+
+ODD_HEADS = [
+    # each is answered exactly as with the fast lane turned off (uvicorn's own protocol)
+    ("folded header", "", "x-note: a\r\n b\r\n"),
+    ("two lengths", "", "content-length: 2\r\n"),
+    ("chunked", "", "transfer-encoding: chunked\r\n"),
+    ("connection close", "", "connection: close\r\n"),
+    ("obs-text value", "", "x-note: caf\u00e9\r\n"),
+    ("HTTP/1.0", "POST {path} HTTP/1.0", ""),
+    ("lower-case method", "post {path} HTTP/1.1", ""),
+    ("empty header value", "", "x-note:\r\n"),
+    ("space before colon", "", "x-note : a\r\n"),
+    ("query string", "POST {path}?a=1 HTTP/1.1", ""),
+    ("encoded name", "POST {path_enc} HTTP/1.1", ""),
+]
+
+
+async def test_odd_requests_get_the_same_answer_with_and_without_the_fast_lane(
+    app: FastAPI, world: dict[str, Any]
+) -> None:
+    cid, key, port = world["cid"], world["reader"], world["served"].port
+    body = orjson.dumps(READS[0][1])
+    path = dp(cid, "/docs/search")
+    plain = Served(app, http="httptools")  # uvicorn's own protocol: the reference
+    await plain.start()
+    try:
+        for what, head, extra in ODD_HEADS:
+            head = head.format(path=path, path_enc=path.replace("docs", "d%6Fcs")) if head else ""
+            req = _raw_request(cid, key, "/docs/search", body, head or None, extra).replace("é".encode(), b"\xe9")
+            got = await _exchange(port, [req])
+            want = await _exchange(plain.port, [req])
+            assert len(want) == 1 and got == want, what
+    finally:
+        await plain.stop()
+
+
+async def test_a_request_with_another_behind_it_in_one_read(app: FastAPI, world: dict[str, Any]) -> None:
+    """Two requests in one read (pipelined): the first may go fast, the answers keep their order."""
+    cid, key, port = world["cid"], world["reader"], world["served"].port
+    one = _raw_request(cid, key, "/docs/search", orjson.dumps(READS[0][1]))
+    two = _raw_request(cid, key, "/docs/count", b"{}")
+    got = await _exchange(port, [one + two], answers=2)
+    single = await _exchange(port, [one]) + await _exchange(port, [two])
+    assert got == single and [s for s, _ in got] == [200, 200]
+
+
+async def _read_responses(reader: asyncio.StreamReader, n: int, until_closed: bool = False) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     current: dict[str, Any] = {}
 
@@ -226,6 +313,8 @@ async def _read_responses(reader: asyncio.StreamReader, n: int) -> list[tuple[in
     parser = httptools.HttpResponseParser(P())
     while len(out) < n:
         data = await asyncio.wait_for(reader.read(65536), 10)
+        if not data and until_closed:
+            break
         assert data, f"connection closed after {len(out)} answers"
         parser.feed_data(data)
     return out
