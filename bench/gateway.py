@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     DATA,
     Report,
+    RunResult,
     alternate,
     build_request,
     closed_loop,
+    http_closed_loop,
     http_json,
     http_worker_factory,
     load_average,
@@ -106,6 +108,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--secs", type=float, default=9.0, help="seconds per search measurement (split in 3 slices)")
     ap.add_argument("--quick", action="store_true", help="20,000 vectors, shorter runs")
+    ap.add_argument(
+        "--client",
+        choices=("epoll", "threads"),
+        default="epoll",
+        help="search clients: one thread driving every connection through epoll (default), or a thread each",
+    )
     args = ap.parse_args()
     if args.quick:
         args.n, args.secs = min(args.n, 20_000), 3.0
@@ -184,25 +192,20 @@ def main() -> None:
 
         gw_1 = reqs(f"{gw_prefix}/gw/search", api_key, port)
         en_1 = reqs("/v1/collections/direct/search", etoken, eport)
+
+        def single(label: str, pt: int, rs: list[bytes], c: int, s: float) -> RunResult:
+            if args.client == "epoll":
+                return http_closed_loop(label, HOST, pt, rs, c, ids_of, max_seconds=s, min_requests=0)
+            return closed_loop(label, http_worker_factory(HOST, pt, rs, ids_of), len(rs), c, max_seconds=s,
+                               min_requests=0)  # fmt: skip
+
+        report.note("search clients", "one thread driving every connection (epoll)" if args.client == "epoll"
+                    else "one Python thread per connection")  # fmt: skip
         for conc in (1, 8):
             runs = alternate(
                 [
-                    lambda s, c=conc: closed_loop(
-                        "direct",
-                        http_worker_factory(HOST, eport, en_1, ids_of),
-                        len(en_1),
-                        c,
-                        max_seconds=s,
-                        min_requests=0,
-                    ),
-                    lambda s, c=conc: closed_loop(
-                        "api",
-                        http_worker_factory(HOST, port, gw_1, ids_of),
-                        len(gw_1),
-                        c,
-                        max_seconds=s,
-                        min_requests=0,
-                    ),
+                    lambda s, c=conc: single("direct", eport, en_1, c, s),
+                    lambda s, c=conc: single("api", port, gw_1, c, s),
                 ],
                 args.secs,
             )
