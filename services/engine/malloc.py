@@ -75,17 +75,20 @@ def bulk_allocations() -> Iterator[None]:
     segment, indexes, a growing segment's reserved space) stay mmap'ed: on the heap they would land on pages
     already touched and count in RSS untouched. Afterwards the tuned threshold is back and the freed heap is
     trimmed. Nothing changes in a process not tuned."""
+    global _building
     lib: Any = _glibc() if _tuned else None
     if not lib:
         yield
         return
     with _lock:
+        _building += 1  # no write burst meanwhile
         _end_burst(lib)
         lib.mallopt(_M_MMAP_THRESHOLD, BULK_MMAP_THRESHOLD)
     try:
         yield
     finally:
         with _lock:
+            _building -= 1
             lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
             lib.malloc_trim(0)
 

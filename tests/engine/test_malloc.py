@@ -53,5 +53,8 @@ def test_seals_and_builds_run_in_the_steady_mode(tuned):
     assert malloc.state()["building"] == 0
     malloc.write_burst()
     assert malloc.state()["burst"] is True
-    with malloc.bulk_allocations():  # opening or restoring ends it too
+    with malloc.bulk_allocations():  # opening or restoring ends it too, and none starts meanwhile
         assert malloc.state()["burst"] is False
+        malloc.write_burst()
+        assert malloc.state()["burst"] is False
+    assert malloc.state()["building"] == 0
