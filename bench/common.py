@@ -22,7 +22,7 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-DATA = Path(os.environ.get("BENCH_DATA", BENCH / "data"))  # BENCH_DATA: another data set (smoke tests)
+DATA = Path(os.environ.get("BENCH_DATA") or BENCH / "data")  # BENCH_DATA: another data set (smoke tests)
 PY = sys.executable
 
 
