@@ -95,18 +95,24 @@ def bulk_allocations() -> Iterator[None]:
 
 def write_burst() -> None:
     """A write is about to be parsed and applied: its temporaries come from (and go back to) the heap, unless a
-    seal or build is running. Cheap when already in the mode (one time read)."""
+    seal or build is running. Cheap when already in the mode (one time read); never blocks."""
     global _burst, _last_write
     _last_write = time.monotonic()
     if _burst or not _tuned:
         return
     lib = _glibc()
-    with _lock:
+    # called on the event loop: never wait for the lock (its holder may be trimming the heap, milliseconds);
+    # a write that finds it taken runs in the current mode and the next one tries again
+    if not _lock.acquire(blocking=False):
+        return
+    try:
         if _burst or _building:
             return
         lib.mallopt(_M_TRIM_THRESHOLD, BURST_TRIM_THRESHOLD)
         lib.mallopt(_M_MMAP_THRESHOLD, BURST_MMAP_THRESHOLD)
         _burst = True
+    finally:
+        _lock.release()
 
 
 def write_burst_idle(now: float | None = None) -> bool:
