@@ -161,6 +161,31 @@ def trim_memory() -> None:
         lib.malloc_trim(0)
 
 
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_PAGE = 4096
+
+
+def populate(buf: Any) -> bool:
+    """Fault in the pages under ``buf`` (a C-contiguous numpy array, typically rows of a reserved buffer not
+    written yet) without changing its contents: madvise(MADV_POPULATE_WRITE). Faulting in fresh memory is the
+    kernel zeroing it (2 MiB at a time for numpy's huge-page buffers); done here, on a thread that would
+    otherwise wait, a later copy into ``buf`` does not stop for it. Only whole pages inside ``buf`` are touched.
+    False where it is not supported (older kernels, no glibc); nothing else changes then."""
+    lib = _glibc()
+    if not lib or not buf.nbytes:
+        return False
+    import ctypes
+
+    addr = buf.ctypes.data
+    lo = -(-addr // _PAGE) * _PAGE
+    hi = (addr + buf.nbytes) // _PAGE * _PAGE
+    if hi <= lo:
+        return False
+    lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    lib.madvise.restype = ctypes.c_int
+    return bool(lib.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0)  # the GIL is released meanwhile
+
+
 def state() -> dict[str, Any]:
     """For tests and stats: the current mode."""
     return {"tuned": _tuned, "burst": _burst, "building": _building}

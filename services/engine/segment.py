@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from itertools import chain
 from typing import Any
 
 import faiss as _faiss
@@ -60,6 +61,13 @@ class Grow:
     def view(self, n: int) -> np.ndarray:
         return self.arr[:n]
 
+    def ahead(self, skip: int, count: int) -> np.ndarray | None:
+        """The reserved rows ``skip`` to ``skip + count`` past the written ones (what a later append will write
+        into), or None beyond the capacity."""
+        lo = self.n + skip
+        hi = min(lo + count, len(self.arr))
+        return self.arr[lo:hi] if hi > lo else None
+
     @classmethod
     def wrap(cls, data: np.ndarray, width: int | None = None) -> Grow:
         g = cls(data.dtype, width)
@@ -79,6 +87,10 @@ class Column:
 
     def append(self, values: list[Any]) -> None:
         raise NotImplementedError
+
+    def truncate(self, n: int) -> None:
+        """Forget rows from ``n`` on (rows written but never published)."""
+        self.present.n = n
 
     def get(self, row: int) -> Any:
         raise NotImplementedError
@@ -113,10 +125,17 @@ class NumericColumn(Column):
         self.values = Grow(self.dtype)
 
     def append(self, values: list[Any]) -> None:
-        present = [v is not None for v in values]
-        vals = [v if v is not None else 0 for v in values]
-        self.values.extend(np.array(vals, dtype=self.dtype))
-        self.present.extend(present)
+        if None in values:
+            present = [v is not None for v in values]
+            values = [v if v is not None else 0 for v in values]
+            self.present.extend(present)
+        else:  # the usual batch: every row has the field
+            self.present.extend(np.ones(len(values), dtype=np.bool_))
+        self.values.extend(np.array(values, dtype=self.dtype))
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        self.values.n = n
 
     def get(self, row: int) -> Any:
         if not self.present.arr[row]:
@@ -178,10 +197,25 @@ class StringColumn(Column):
             self.lookup[s] = c
         return c
 
+    def _codes(self, values: list[Any]) -> list[int]:
+        """The codes of these strings (-1 for None), new strings added to the vocabulary: one C-level pass of
+        lookups, and Python only for the values it did not know."""
+        codes: list[Any] = list(map(self.lookup.get, values))
+        if None in codes:
+            for i, c in enumerate(codes):
+                if c is None:
+                    v = values[i]
+                    codes[i] = -1 if v is None else self._code(v)
+        return codes
+
     def append(self, values: list[Any]) -> None:
-        codes = [self._code(v) if v is not None else -1 for v in values]
+        codes = np.array(self._codes(values), dtype=np.int32)
         self.codes.extend(codes)
-        self.present.extend([v is not None for v in values])
+        self.present.extend(codes >= 0)
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        self.codes.n = n
 
     def get(self, row: int) -> Any:
         c = int(self.codes.arr[row])
@@ -238,19 +272,18 @@ class StringListColumn(StringColumn):
 
     def append(self, values: list[Any]) -> None:
         start = self.present.n
-        flat: list[int] = []
-        owner: list[int] = []
-        offs: list[int] = []
         base = self.codes.n
-        for i, v in enumerate(values):
-            if v:
-                flat.extend(self._code(s) for s in v)
-                owner.extend([start + i] * len(v))
-            offs.append(base + len(flat))
-        self.codes.extend(flat)
-        self.owner.extend(owner)
-        self.offsets.extend(offs)
+        lens = np.array([len(v) if v else 0 for v in values], dtype=np.int64)
+        self.codes.extend(self._codes(list(chain.from_iterable(v for v in values if v))))
+        self.owner.extend(np.repeat(np.arange(start, start + len(values), dtype=np.int32), lens))
+        self.offsets.extend(base + np.cumsum(lens))
         self.present.extend([v is not None for v in values])
+
+    def truncate(self, n: int) -> None:
+        m = int(self.offsets.arr[n])
+        self.present.n = n
+        self.offsets.n = n + 1
+        self.codes.n = self.owner.n = m
 
     def get(self, row: int) -> Any:
         if not self.present.arr[row]:
@@ -315,6 +348,10 @@ class JsonColumn(Column):
     def append(self, values: list[Any]) -> None:
         self.values.extend(values)
         self.present.extend([v is not None for v in values])
+
+    def truncate(self, n: int) -> None:
+        super().truncate(n)
+        del self.values[n:]
 
     def get(self, row: int) -> Any:
         return self.values[row] if self.present.arr[row] else MISSING
@@ -486,24 +523,38 @@ class Segment:
         vectors: np.ndarray,
         norms: np.ndarray,
         metas: list[dict[str, Any] | None],
-        texts: list[str | None] | None,
-    ) -> None:
-        """Write rows beyond the published count; ``publish`` makes them visible."""
-        assert self.growing and self.vec is not None
+    ) -> int:
+        """Write rows beyond those already written (the published ones and any staged before); ``publish``
+        makes them visible, ``unstage`` takes them back. Returns the first new row. The text postings are
+        written by ``stage_text``, once the rows are sure to be published."""
+        assert self.growing and self.vec is not None and isinstance(self.ids, list)
+        start = self.vec.n
         b = len(ids)
         self.vec.extend(vectors)
         self.norms.extend(norms)
         self.del_ver.extend(np.full(b, LIVE, dtype=np.int64))
         for name, col in self.columns.items():
             col.append([(m.get(name) if m else None) for m in metas])
+        self.ids.extend(ids)
+        return start
+
+    def unstage(self) -> None:
+        """Drop every row written beyond the published count (their write did not become durable)."""
+        n = self.n
+        assert self.vec is not None and isinstance(self.ids, list)
+        self.vec.n = self.norms.n = self.del_ver.n = n
+        for col in self.columns.values():
+            col.truncate(n)
+        del self.ids[n:]
+
+    def stage_text(self, start: int, texts: list[str | None] | None, count: int) -> None:
+        """The text postings of staged rows ``start .. start + count`` (in row order, just before they are
+        published)."""
         if self.texts is not None and self.text_index is not None:
-            t = texts or [None] * b
-            start = self.n
+            t = texts or [None] * count
             for i, s in enumerate(t):
                 self.text_index.add(start + i, s)
             self.texts.extend(t)
-        assert isinstance(self.ids, list)
-        self.ids.extend(ids)
 
     def publish(self, count: int) -> None:
         self.n += count

@@ -66,3 +66,25 @@ def test_a_write_never_waits_for_the_lock(tuned):
         assert malloc.state()["burst"] is False
     malloc.write_burst()
     assert malloc.state()["burst"] is True
+
+
+def test_populate_faults_in_pages_without_changing_them():
+    buf = np.empty((4096, 384), dtype=np.float32)  # 6 MiB: a fresh mapping, not faulted in yet
+    buf[:10] = 1.5
+    part = buf[10:3000]
+    rss = _rss_kib()
+    done = malloc.populate(part)
+    if not done:
+        pytest.skip("MADV_POPULATE_WRITE is not supported here")
+    assert _rss_kib() - rss >= part.nbytes // 1024 // 2  # (huge pages may round it up)
+    assert (buf[:10] == 1.5).all()
+    part[:] = 2.0
+    assert (buf[:10] == 1.5).all() and (buf[10:3000] == 2.0).all()
+    assert malloc.populate(buf[5:5]) is False  # nothing to do
+
+
+def _rss_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
