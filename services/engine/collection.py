@@ -326,48 +326,43 @@ class Collection:
             self._check_open()
             wal = self.wal
             assert wal is not None
-            if sum(len(b.ids) for b in batches) < OVERLAP_ROWS:
+            rows = sum(len(b.ids) for b in batches)
+            if rows < OVERLAP_ROWS:
                 wal.append_many(payloads)  # durable before anything becomes visible or is acknowledged
                 starts = [self._stage(b) for b in batches]
             else:
                 # large batches: stage their rows (invisible) while the WAL is written and fsynced in another
                 # thread (encryption, writev and fdatasync run outside the GIL); published only once durable
-                starts = self._stage_during(lambda: wal.append_many(payloads), batches)
+                starts = self._stage_during(lambda: wal.append_many(payloads), batches, rows)
             for batch, start in zip(batches, starts, strict=True):
                 self._publish(batch, start)
                 self.write_units += len(batch.ids)
             self.last_write = time.monotonic()
         return [len(b.ids) for b in batches]
 
-    def _stage_during(self, write: Callable[[], None], batches: list[Batch]) -> list[int]:
-        """Stage ``batches`` while ``write`` (the WAL append) runs in the WAL pool. Either error leaves nothing
-        staged: a failed write's rows are taken back (the WAL cut itself back too), and a batch that cannot be
-        staged is staged again once the write is done, as the sequential path would."""
+    def _stage_during(self, write: Callable[[], None], batches: list[Batch], rows: int) -> list[int]:
+        """Stage ``batches`` (``rows`` rows in all) while ``write`` (the WAL append) runs in the WAL pool. On
+        either error nothing stays staged and the error is raised (the WAL's own first); a staging error after
+        a durable write is what the sequential path raises too."""
         pool = _wal_pool()
         job = pool.submit(write)
         vec = self.growing.vec
-        rows = sum(len(b.ids) for b in batches)
         ahead = vec.ahead(rows, rows) if vec is not None else None
         if ahead is not None:
             # the rows the next batch of this size will fill: faulting in fresh buffer pages costs the kernel
             # ~2-3 ms a batch of 1,000 x 384 here; done meanwhile on another thread, not waited for
             pool.submit(malloc.populate, ahead)
         try:
-            starts = [self._stage(b) for b in batches]
-        except BaseException:
-            self.growing.unstage()
-            job.result()  # raises the WAL's own error first, if it had one
-            try:
-                return [self._stage(b) for b in batches]
-            except BaseException:
-                self.growing.unstage()
-                raise
-        try:
-            job.result()
+            return [self._stage(b) for b in batches]
         except BaseException:
             self.growing.unstage()
             raise
-        return starts
+        finally:
+            try:
+                job.result()  # never leave the write lock while the WAL write runs
+            except BaseException:
+                self.growing.unstage()
+                raise
 
     def delete(self, body: dict[str, Any]) -> int:
         expect_object(body, {"ids", "filter"})

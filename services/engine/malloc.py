@@ -52,6 +52,9 @@ def _glibc() -> Any:
 
             lib = ctypes.CDLL("libc.so.6")
             _libc = lib if hasattr(lib, "malloc_trim") else False
+            if _libc:
+                lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                lib.madvise.restype = ctypes.c_int
         except OSError:
             _libc = False
     return _libc
@@ -174,15 +177,11 @@ def populate(buf: Any) -> bool:
     lib = _glibc()
     if not lib or not buf.nbytes:
         return False
-    import ctypes
-
     addr = buf.ctypes.data
     lo = -(-addr // _PAGE) * _PAGE
     hi = (addr + buf.nbytes) // _PAGE * _PAGE
     if hi <= lo:
         return False
-    lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    lib.madvise.restype = ctypes.c_int
     return bool(lib.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0)  # the GIL is released meanwhile
 
 
