@@ -30,7 +30,7 @@ import orjson
 
 from services.core.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable
 
-from . import malloc
+from . import malloc, schema
 from .crypto import CorruptionError, DataCipher
 from .idmap import ROW_MASK, SEG_SHIFT, IdMap, PackedIds
 from .schema import (
@@ -47,6 +47,7 @@ from .schema import (
     loads,
     parse_ids,
     to_matrix,
+    unit_queries,
     vector_norms,
 )
 from .segment import LIVE, Grow, Segment, build_index, concat_columns, load_segment, segment_parts
@@ -505,6 +506,33 @@ class Collection:
             return self.parse_search(loads(body), hybrid)
         return self.parse_search(fast[0], hybrid, pre=fast[1])
 
+    def search_native(self, body: bytes) -> list[dict[str, Any]] | None:
+        """The fast lane in C (``schema._fastlane``, decision 011): parse the plainest search body, search and
+        build the results with no Python layer per hit; what ``schema.single_search`` + ``search_single`` give
+        for the same body. None when the usual path must answer (a body the C parser declines, a zero vector
+        under cosine)."""
+        fl = schema._fastlane
+        assert fl is not None
+        d = self.cfg.dimension
+        q = np.empty((1, d), dtype=np.float32)
+        got = fl.parse_single(body, d, q, MAX_TOP_K)
+        if got is None:
+            return None
+        top_k, ef, nprobe, inc_m, inc_v = got
+        live = [part for part in self.view().parts if part[1]]
+        ids = live[0][0].ids if len(live) == 1 else None
+        if inc_m or inc_v or not isinstance(ids, PackedIds) or live[0][2]:  # several segments, deletes, growing
+            return self.search_single(q, top_k, ef, nprobe, inc_m, inc_v)
+        if self.cfg.metric == "cosine" and not fl.unit_rows(q, 1, d):
+            return None
+        seg, n, _ = live[0]
+        ef = ef or self.cfg.index_params.get("ef")
+        nprobe = nprobe or self.cfg.index_params.get("nprobe")
+        dist, lab = seg.search(q, top_k, n, None, n, ef, nprobe)  # as vector_search's one-segment case
+        self._add_read_units(max(1, -(-n // READ_UNIT_VECTORS)))
+        blob, offs = ids.packed()
+        return fl.hits(np.ascontiguousarray(dist[0]), np.ascontiguousarray(lab[0]), dist.shape[1], n, blob, offs)
+
     def search_single(
         self, q: np.ndarray, top_k: int, ef: int | None, nprobe: int | None, inc_m: bool, inc_v: bool
     ) -> list[dict[str, Any]] | None:
@@ -512,10 +540,10 @@ class Collection:
         accepted (same normalization, defaults and results); None when the usual path must answer (a zero
         vector under cosine: its error)."""
         if self.cfg.metric == "cosine":
-            norms = vector_norms(q)
-            if not (norms > 0).all():
+            unit = unit_queries(q)
+            if unit is None:
                 return None
-            q = (q / norms[:, None]).astype(np.float32)
+            q = unit
         p = {
             "q": q,
             "multi": True,
@@ -574,10 +602,10 @@ class Collection:
                     code="no_text_field",
                 )
         if q is not None and self.cfg.metric == "cosine":
-            norms = vector_norms(q)
-            if not (norms > 0).all():
+            unit = unit_queries(q)
+            if unit is None:
                 raise Unprocessable("a zero query vector has no cosine similarity", code="invalid_vector")
-            q = (q / norms[:, None]).astype(np.float32)
+            q = unit
         params = doc.get("params") or {}
         params = expect_object(params, {"ef", "nprobe"}, "body.params")
         for key in ("ef", "nprobe"):

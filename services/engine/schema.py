@@ -7,6 +7,7 @@ is written.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import threading
@@ -265,6 +266,13 @@ except ImportError:  # pragma: no cover
     _simdjson = None
 
 FAST_PARSE = _simdjson is not None  # tests flip this to exercise both paths
+
+# the fast lane in C (services/engine/_fastlane.c, decision 011); None where it is not built
+_fastlane: Any
+try:  # pragma: no cover - depends on the build
+    _fastlane = importlib.import_module(".engine._fastlane", "services")
+except ImportError:  # pragma: no cover
+    _fastlane = None
 _parsers: dict[int, Any] = {}  # thread ident -> that thread's parser (a parser serves one document at a time)
 
 
@@ -645,6 +653,22 @@ def vector_norms(vectors: np.ndarray) -> np.ndarray:
         v = vectors.astype(np.float64)
         return np.sqrt(np.einsum("ij,ij->i", v, v))
     return np.linalg.norm(vectors, axis=1).astype(np.float64)
+
+
+def unit_queries(q: np.ndarray) -> np.ndarray | None:
+    """Cosine queries scaled to unit length: a new C-contiguous float32 array, each row divided by its length in
+    double precision (no float32 overflow or underflow of the squares); None if a row has length zero. Every search
+    path normalizes with this one function (in C where the fast lane is built), so they agree bit for bit."""
+    out = np.array(q, dtype=np.float32, order="C", copy=True)
+    if out.ndim != 2:
+        raise ValueError("queries must be a 2-d array")
+    if _fastlane is not None:
+        return out if _fastlane.unit_rows(out, out.shape[0], out.shape[1]) else None
+    q64 = out.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", q64, q64))
+    if not (norms > 0).all() or not np.isfinite(norms).all():
+        return None
+    return (q64 / norms[:, None]).astype(np.float32)
 
 
 def parse_ids(doc: dict[str, Any], key: str = "ids") -> list[str]:

@@ -38,7 +38,7 @@ from services.core.errors import (
 )
 from services.core.metrics import RequestMetrics
 
-from . import malloc
+from . import malloc, schema
 from .crypto import CorruptionError
 from .engine import Engine, open_store
 from .replication import Follower, Primary
@@ -264,10 +264,13 @@ class EngineApp:
         if coll is None or not coll.cheap_search():
             return None
         try:
-            parsed = single_search(body, coll.cfg.dimension)
-            if parsed is None:
-                return None
-            res = coll.search_single(*parsed)
+            if schema._fastlane is not None:
+                res = coll.search_native(body)
+            else:
+                parsed = single_search(body, coll.cfg.dimension)
+                if parsed is None:
+                    return None
+                res = coll.search_single(*parsed)
             if res is None:
                 return None
             out = orjson.dumps({"results": res}, option=orjson.OPT_SERIALIZE_NUMPY)

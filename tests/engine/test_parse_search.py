@@ -11,7 +11,7 @@ import pytest
 
 from services.core.errors import VectaError
 from services.engine import schema
-from services.engine.schema import fast_search, vector_norms
+from services.engine.schema import fast_search
 
 from .conftest import create, upsert
 
@@ -323,11 +323,62 @@ def test_single_search_agrees_with_parse_search(coll, body: bytes) -> None:
         usual["ef"],
         usual["nprobe"],
     )
-    norms = vector_norms(q)
-    assert ((q / norms[:, None]).astype(np.float32)).tobytes() == usual["q"].tobytes()
+    unit = schema.unit_queries(q)
+    assert unit is not None and unit.tobytes() == usual["q"].tobytes()
+
+
+@pytest.mark.skipif(schema._fastlane is None, reason="the C fast lane is not built")
+@pytest.mark.parametrize("body", SINGLE_TAKEN)
+def test_native_parser_agrees_with_the_usual_path(coll, body: bytes) -> None:
+    """The C fast lane's parser (schema._fastlane.parse_single) takes the same bodies and gives the same query
+    and parameters as the usual path."""
+    q = np.empty((1, 4), dtype=np.float32)
+    got = schema._fastlane.parse_single(body, 4, q, schema.MAX_TOP_K)
+    assert got is not None
+    top_k, ef, nprobe, inc_m, inc_v = got
+    usual = coll.parse_search_body(body)
+    raw = np.array(orjson.loads(body)["vector"], dtype=np.float32).reshape(1, 4)
+    assert q.tobytes() == raw.tobytes()
+    assert (top_k, inc_m, inc_v) == (usual["top_k"], usual["include_metadata"], usual["include_vectors"])
+    assert (ef or coll.cfg.index_params.get("ef"), nprobe or coll.cfg.index_params.get("nprobe")) == (
+        usual["ef"],
+        usual["nprobe"],
+    )
+    assert schema._fastlane.unit_rows(q, 1, 4)
+    assert q.tobytes() == usual["q"].tobytes()
 
 
 @needs_simdjson
 @pytest.mark.parametrize("body", SINGLE_DECLINED)
 def test_single_search_declines_what_it_does_not_handle(body: bytes) -> None:
     assert schema.single_search(body, 4) is None
+
+
+@pytest.mark.skipif(schema._fastlane is None, reason="the C fast lane is not built")
+@pytest.mark.parametrize(
+    "body",
+    [
+        *SINGLE_DECLINED,
+        b'{"vector": [1, 2, 3, 4]} x',  # trailing bytes
+        b'{"vector": [1, 2, 3, 4],}',
+        b'{"vector": [01, 2, 3, 4]}',  # not JSON numbers
+        b'{"vector": [1., 2, 3, 4]}',
+        b'{"vector": [.5, 2, 3, 4]}',
+        b'{"vector": [1e, 2, 3, 4]}',
+        b'{"vector": [+1, 2, 3, 4]}',
+        b'{"vector": [NaN, 2, 3, 4]}',
+        b'{"vector": [1, 2, 3, 4], "top_k": 1001}',
+        b'{"vector": [1, 2, 3, 4], "top_k": 1e1}',
+        b'{"vector": [1, 2, 3, 4], "params": {"ef": 1, "ef": 2}}',
+        b'{"vector": [1, 2, 3, 4], "params": {"ef": 65537}}',
+        b'{"vector": [1, 2, 3, 4], "include_vectors": null}',
+        b'{"vec\\u0074or": [1, 2, 3, 4]}',
+        b'{"vector": [1, 2, 3, 4], "top_k": 3, "top_k": 3}',
+        b'{"top_k": 3}',
+        b"",
+        b"{}",
+    ],
+)
+def test_native_parser_declines_what_it_does_not_handle(body: bytes) -> None:
+    q = np.zeros((1, 4), dtype=np.float32)
+    assert schema._fastlane.parse_single(body, 4, q, schema.MAX_TOP_K) is None
