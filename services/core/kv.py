@@ -76,6 +76,7 @@ class RedisKV:
         self._r = redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._known: dict[str, tuple[int, float]] = {}  # key -> (count last read from Redis, when)
         self._pending: dict[str, tuple[int, int]] = {}  # key -> (increments not sent yet, ttl)
+        self._inflight: dict[str, int] = {}  # key -> increments sent, their total not read back yet
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._closed = False
@@ -87,20 +88,21 @@ class RedisKV:
             pipe.expire(key, ttl_seconds, nx=True)
             value, _ = await pipe.execute()
         self._known[key] = (int(value), time.monotonic())
-        return int(value) + self._pending.get(key, (0, 0))[0]
+        return int(value) + self._pending.get(key, (0, 0))[0] + self._inflight.get(key, 0)
 
     def incr_nowait(self, key: str, ttl_seconds: int) -> int:
         """The count of ``key`` as this process knows it, one more: what Redis said last (0 for a key it has not
-        read yet, e.g. a new one-second window) plus this process's own increments not sent yet. They are sent
-        in one pipeline every ``FLUSH_SECONDS``, which reads the totals back. So a limit can be passed by what
-        the other API processes counted since this one last read the key (at most ~20 ms of their traffic): a
-        fixed-window limit is approximate anyway (it lets up to twice the rate through across a window edge)."""
+        read yet, e.g. a new one-second window) plus this process's own increments not sent yet or sent and not
+        yet read back. They are sent in one pipeline every ``FLUSH_SECONDS``, which reads the totals back. So
+        this process never undercounts its own traffic; a limit can be passed only by what the other API
+        processes counted since this one last read the key (at most ~20 ms of their traffic): a fixed-window
+        limit is approximate anyway (it lets up to twice the rate through across a window edge)."""
         n, _ = self._pending.get(key, (0, ttl_seconds))
         self._pending[key] = (n + 1, ttl_seconds)
         if self._flush is None and self._flushing is None:
             self._flush = asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self._start_flush)
         known = self._known.get(key)
-        return (known[0] if known is not None else 0) + n + 1
+        return (known[0] if known is not None else 0) + self._inflight.get(key, 0) + n + 1
 
     def _start_flush(self) -> None:
         self._flush = None
@@ -108,6 +110,8 @@ class RedisKV:
 
     async def _send_pending(self) -> None:
         pending, self._pending = self._pending, {}
+        for key, (n, _ttl) in pending.items():  # still counted by incr_nowait while on their way
+            self._inflight[key] = self._inflight.get(key, 0) + n
         try:
             async with self._r.pipeline(transaction=False) as pipe:
                 for key, (n, ttl) in pending.items():
@@ -116,13 +120,15 @@ class RedisKV:
                 results = await pipe.execute()
             now = time.monotonic()
             for key, value in zip(pending, results[::2], strict=True):
-                self._known[key] = (int(value), now)
+                self._known[key] = (int(value), now)  # the total now includes them
+                self._inflight.pop(key, None)
             if len(self._known) > 1000:  # keys are per one-second window: forget the old ones
                 self._known = {k: v for k, v in self._known.items() if now - v[1] < 5.0}
         except Exception:  # Redis unavailable: keep the counts for the next attempt (the usual path fails too)
             self.send_failures += 1
             log.warning("could not send rate-limit counts to Redis", exc_info=True)
             for key, (n, ttl) in pending.items():
+                self._inflight.pop(key, None)
                 m, _ = self._pending.get(key, (0, ttl))
                 self._pending[key] = (m + n, ttl)
         finally:

@@ -61,6 +61,29 @@ async def test_redis_counts_without_waiting_and_sends_them_batched() -> None:
         await b.close()
 
 
+async def test_redis_counts_what_is_on_its_way_to_redis() -> None:
+    """Increments sent but not read back yet still count: before, a request arriving while the batch was on its
+    way saw neither the sent increments nor their total, so a process could undercount its own traffic (the
+    sixth request in a window of five went through)."""
+    kv = await _redis_or_skip()
+    kv.FLUSH_SECONDS = 60.0  # type: ignore[misc]  # flushed by hand below
+    key = f"test:kv:{uuid.uuid4().hex}"
+    try:
+        assert [kv.incr_nowait(key, 5) for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert kv._flush is not None
+        kv._flush.cancel()
+        kv._start_flush()
+        await asyncio.sleep(0)  # the flush has swapped its batch out and is waiting for Redis
+        assert kv._flushing is not None and not kv._pending
+        assert kv.incr_nowait(key, 5) == 6
+        await kv._flushing
+        assert kv.incr_nowait(key, 5) == 7  # 5 read back from Redis + 2 pending
+        assert await kv.incr(key, 5) == 8
+    finally:
+        await kv.delete(key)
+        await kv.close()
+
+
 async def test_redis_unavailable_keeps_the_counts_for_later() -> None:
     kv = RedisKV("redis://127.0.0.1:1/0")  # nothing listens there
     key = f"test:kv:{uuid.uuid4().hex}"
