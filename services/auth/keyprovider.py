@@ -2,8 +2,9 @@
 
 ``local`` (the embedded default) keeps a 32-byte master key in ``VECTA_HOME/secrets/master.key`` (mode 0600) and
 wraps with AES-256-GCM, the encryption context (org and cluster ids) bound as associated data, so a wrapped key
-copied onto another cluster's row does not unwrap. The AWS KMS provider (customer-managed keys) implements the
-same protocol. Plaintext data keys exist only in memory.
+copied onto another cluster's row does not unwrap. ``aws-kms`` (``AwsKmsKeyProvider``: Vecta's key or a
+customer-managed key reached through ``sts:AssumeRole`` with the organization's external id) implements the same
+protocol. Plaintext data keys exist only in memory.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -100,3 +103,154 @@ def _load_or_create(path: Path) -> bytes:
 @lru_cache(maxsize=4)
 def local_provider(path: Path | None = None) -> LocalKeyProvider:
     return LocalKeyProvider(path or get_settings().secrets_dir / "master.key")
+
+
+# ---------------------------------------------------------------------------------------------------------- AWS KMS
+_KMS_VERSION = b"\x02"  # wrapped by AWS KMS: the byte, then KMS's CiphertextBlob
+_KMS_STATES: dict[str, Literal["enabled", "disabled", "pending_deletion"]] = {
+    "Enabled": "enabled",
+    "Disabled": "disabled",
+    "PendingDeletion": "pending_deletion",
+    "PendingReplicaDeletion": "pending_deletion",
+}
+
+
+def new_external_id() -> str:
+    """The ``sts:ExternalId`` Vecta asks a customer to require in the trust policy of the role it assumes (one per
+    organization, so another Vecta customer cannot name the same role: the confused-deputy guard)."""
+    return "vecta-" + secrets.token_urlsafe(24)
+
+
+class AwsKmsKeyProvider:
+    """A key-encryption key in AWS KMS: Vecta's own key, or a customer-managed key (CMEK) reached by assuming the
+    customer's role with the organization's external id. Data keys come from ``GenerateDataKey`` with the org and
+    cluster ids as the encryption context (KMS then refuses to decrypt them under any other context).
+
+    KMS's own state is checked before every unwrap (``DescribeKey``): a disabled key, a key scheduled for deletion
+    or a key Vecta can no longer reach unwraps nothing, whatever the endpoint would do with the ``Decrypt`` call
+    (moto's server, for one, does not enforce key state). Every call has connect/read timeouts and bounded retries;
+    failures are ``KeyUnavailable`` naming the AWS error, never a hang."""
+
+    name = "aws-kms"
+
+    def __init__(
+        self,
+        key_arn: str,
+        *,
+        region: str | None = None,
+        role_arn: str | None = None,
+        external_id: str | None = None,
+        endpoint_url: str | None = None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        attempts: int = 3,
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        if role_arn and not external_id:
+            raise ValueError("assuming a customer's role needs the organization's external id")
+        self.key_arn = key_arn
+        self._role_arn = role_arn
+        self._external_id = external_id
+        self._region = region or _region_of(key_arn)
+        self._endpoint = endpoint_url  # None: boto3's own resolution (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_KMS, AWS)
+        self._config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": attempts, "mode": "standard"},
+        )
+        self._session = boto3.session.Session()
+        self._kms: object | None = None
+        self._kms_expires = 0.0
+        self._lock = threading.Lock()
+
+    # -- clients ------------------------------------------------------------------------------------------------
+    def _client(self) -> Any:
+        with self._lock:
+            now = time.time()
+            if self._kms is not None and now < self._kms_expires:
+                return self._kms
+            creds: dict[str, Any] = {}
+            expires = float("inf")
+            if self._role_arn:
+                sts = self._session.client("sts", region_name=self._region, config=self._config)
+                got = sts.assume_role(
+                    RoleArn=self._role_arn,
+                    RoleSessionName="vecta-cmek",
+                    ExternalId=self._external_id,
+                    DurationSeconds=900,
+                )["Credentials"]
+                creds = {
+                    "aws_access_key_id": got["AccessKeyId"],
+                    "aws_secret_access_key": got["SecretAccessKey"],
+                    "aws_session_token": got["SessionToken"],
+                }
+                expires = got["Expiration"].timestamp() - 60  # renewed a minute early
+            kwargs: dict[str, Any] = {"region_name": self._region, "config": self._config, **creds}
+            if self._endpoint:
+                kwargs["endpoint_url"] = self._endpoint
+            self._kms = self._session.client("kms", **kwargs)
+            self._kms_expires = expires
+            return self._kms
+
+    def _call(self, what: str, fn: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(self._client())
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "Unknown")
+            msg = exc.response.get("Error", {}).get("Message", "")
+            raise KeyUnavailable(f"AWS KMS {what} of {self.key_arn} failed: {code}: {msg}".rstrip(": ")) from None
+        except BotoCoreError as exc:  # endpoint unreachable, timeouts, bad credentials chain, ...
+            raise KeyUnavailable(f"AWS KMS {what} of {self.key_arn} failed: {type(exc).__name__}: {exc}") from None
+
+    # -- KeyProvider ---------------------------------------------------------------------------------------------
+    def describe(self) -> KeyState:
+        try:
+            meta = self._call("DescribeKey", lambda kms: kms.describe_key(KeyId=self.key_arn))["KeyMetadata"]
+        except KeyUnavailable:
+            return KeyState(usable=False, state="unreachable", version="")
+        state = _KMS_STATES.get(meta.get("KeyState", ""), "disabled")  # Creating, Unavailable, ...: not usable
+        return KeyState(usable=state == "enabled", state=state, version=meta.get("KeyId", ""))
+
+    def _require_usable(self) -> None:
+        st = self.describe()
+        if not st.usable:
+            raise KeyUnavailable(f"AWS KMS key {self.key_arn} is {st.state.replace('_', ' ')}")
+
+    def generate_data_key(self, context: dict[str, str]) -> tuple[bytes, bytes]:
+        self._require_usable()
+        got = self._call(
+            "GenerateDataKey",
+            lambda kms: kms.generate_data_key(KeyId=self.key_arn, KeySpec="AES_256", EncryptionContext=context),
+        )
+        return got["Plaintext"], _KMS_VERSION + got["CiphertextBlob"]
+
+    def wrap(self, plaintext: bytes, context: dict[str, str]) -> bytes:
+        """Re-wrap an existing data key under this key (rotation to a new key: no data is rewritten)."""
+        self._require_usable()
+        got = self._call(
+            "Encrypt",
+            lambda kms: kms.encrypt(KeyId=self.key_arn, Plaintext=plaintext, EncryptionContext=context),
+        )
+        return _KMS_VERSION + got["CiphertextBlob"]
+
+    def unwrap(self, wrapped: bytes, context: dict[str, str]) -> bytes:
+        if not wrapped.startswith(_KMS_VERSION) or len(wrapped) < 2:
+            raise KeyUnavailable("wrapped key was not made by AWS KMS")
+        self._require_usable()
+        got = self._call(
+            "Decrypt",
+            lambda kms: kms.decrypt(CiphertextBlob=wrapped[1:], EncryptionContext=context, KeyId=self.key_arn),
+        )
+        key = got["Plaintext"]
+        if len(key) != 32:
+            raise KeyUnavailable("AWS KMS returned a data key that is not 32 bytes")
+        return key
+
+
+def _region_of(arn: str) -> str | None:
+    parts = arn.split(":")  # arn:aws:kms:<region>:<account>:key/<id>
+    return parts[3] if len(parts) > 4 and parts[0] == "arn" and parts[3] else None
