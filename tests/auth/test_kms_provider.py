@@ -14,30 +14,15 @@ import boto3
 import pytest
 
 from services.auth.keyprovider import AwsKmsKeyProvider, KeyUnavailable, LocalKeyProvider, new_external_id
+from tests.awskit import moto_server
 
 CTX = {"org_id": "org_1", "cluster_id": "cl_1"}
 
 
 @pytest.fixture(scope="module")
 def aws() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
-        }.items():
-            mp.setenv(k, v)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
+    with moto_server() as endpoint:  # AWS_ENDPOINT_URL: KMS and STS
+        yield endpoint
 
 
 @pytest.fixture

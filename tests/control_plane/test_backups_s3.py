@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from services.control_plane.clusters import tasks
 from services.core.settings import get_settings
+from tests.awskit import moto_server
 from tests.clusterkit import cluster_row, create_cluster, records, unique_name
 from tests.conftest import Tenant, signup
 
@@ -39,27 +40,11 @@ def ok(r: httpx.Response, status: int = 200) -> Any:
 def s3() -> Iterator[Any]:
     """moto's S3 server on 127.0.0.1 as the control plane's object store (VECTA_OBJECT_STORE_URI), with the AWS
     settings in the environment the engine processes inherit."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_S3": endpoint,
-        }.items():
-            mp.setenv(k, v)
+    with moto_server("AWS_ENDPOINT_URL_S3") as endpoint, pytest.MonkeyPatch.context() as mp:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         client.create_bucket(Bucket=BUCKET)
         mp.setattr(get_settings(), "object_store_uri", f"s3://{BUCKET}/vecta")
-        try:
-            yield client
-        finally:
-            server.stop()
+        yield client
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -29,6 +29,7 @@ from services.control_plane.imports import api as imports_api
 from services.control_plane.imports import tasks as import_tasks
 from services.control_plane.imports.settings import ImportSettings
 from services.core.settings import get_settings
+from tests.awskit import moto_server
 from tests.clusterkit import cluster_row, create_cluster, records
 from tests.conftest import Tenant, auth, create_key, signup
 
@@ -40,21 +41,10 @@ FIELDS = [{"name": "genre", "type": "string"}, {"name": "year", "type": "int"}]
 # -- fixtures ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3() -> Iterator[Any]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ACCESS_KEY_ID", "test")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    mp.undo()
-    server.stop()
+    with moto_server("AWS_ENDPOINT_URL_S3") as endpoint:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
 
 
 @pytest.fixture(autouse=True)
