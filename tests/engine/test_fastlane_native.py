@@ -120,3 +120,31 @@ def test_hits_skips_empty_and_non_finite_results_and_refuses_rows_out_of_range()
     assert fl.hits(finite, np.array([1, 3, 0, 0], dtype=np.int64), 4, 3, blob, offs) is None  # row 3 of 3 ids
     with pytest.raises(ValueError):
         fl.hits(dist, lab, 9, 3, blob, offs)
+
+
+@pytestmark_native
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_the_python_fallback_answers_as_the_c_path(make_engine, monkeypatch: pytest.MonkeyPatch, metric: str) -> None:
+    """Where the extension is not built the engine runs the Python fast lane (``single_search`` +
+    ``search_single``) and the numpy normalization: the same hits, scores equal to float32 rounding."""
+    import orjson
+
+    from .conftest import create, upsert
+
+    eng = make_engine()
+    coll = create(eng, "c", dim=16, metric=metric, index={"type": "hnsw"})
+    rng = np.random.default_rng(14)
+    upsert(coll, [{"id": f"r{i}", "vector": rng.standard_normal(16).tolist()} for i in range(400)])
+    assert coll.seal()
+    while eng.maintain_once():
+        pass
+    bodies = [orjson.dumps({"vector": rng.standard_normal(16).tolist(), "top_k": 7}) for _ in range(30)]
+    native = [coll.search_native(b) for b in bodies]
+    monkeypatch.setattr(schema, "_fastlane", None)
+    for b, got in zip(bodies, native, strict=True):
+        parsed = schema.single_search(b, 16)
+        assert parsed is not None and got is not None
+        want = coll.search_single(*parsed)
+        assert want is not None
+        assert [h["id"] for h in got] == [h["id"] for h in want]
+        assert np.allclose([h["score"] for h in got], [h["score"] for h in want], rtol=1e-5, atol=1e-6)
