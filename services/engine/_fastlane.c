@@ -9,7 +9,7 @@
        integer out of range. The caller then serves the body on the usual path, which names any error. The
        whole parse runs without the GIL.
 
-   unit_rows(x) -> bool
+   unit_rows(x, n, d) -> bool
        Scales each row of a C-contiguous float32 (n, d) buffer to unit length in place, in double precision:
        x[i] / sqrt(sum of x[i]^2). False (and x unchanged) if a row has length zero or not finite. Both search
        paths normalize cosine queries with it, so they agree bit for bit.

@@ -270,7 +270,7 @@ FAST_PARSE = _simdjson is not None  # tests flip this to exercise both paths
 # the fast lane in C (services/engine/_fastlane.c, decision 011); None where it is not built
 _fastlane: Any
 try:  # pragma: no cover - depends on the build
-    _fastlane = importlib.import_module(".engine._fastlane", "services")
+    _fastlane = importlib.import_module(f"{__package__}._fastlane")
 except ImportError:  # pragma: no cover
     _fastlane = None
 _parsers: dict[int, Any] = {}  # thread ident -> that thread's parser (a parser serves one document at a time)
