@@ -17,6 +17,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .crypto import CorruptionError, DataCipher
 
@@ -106,6 +107,21 @@ class WalWriter:
         self.size += size
         self.records += len(payloads)
 
+    def reopen(self) -> None:
+        """Write to whatever file is at ``path`` now (a re-key moved a re-encrypted copy, same frames and length,
+        over it), from the same position. The caller holds the collection's write lock (no append in flight)."""
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size != self.size:
+                raise CorruptionError(f"{self.path.name}: the re-encrypted copy does not match the log's length")
+            os.lseek(fd, self.size, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -159,3 +175,51 @@ def open_frames(data: bytes, cipher: DataCipher, aad: bytes, first_record: int) 
         out.append(cipher.open(bytes(body), _aad(aad, first_record + len(out))))
         pos += _FRAME.size + length
     return out
+
+
+# -- re-key: the same frames (same lengths, so every byte offset stays valid) under the current key ---------------
+def wal_is_current(path: Path, cipher: DataCipher, aad: bytes) -> bool:
+    """Whether the log holds nothing under an older key. Its first frame tells: a log's frames are written under
+    the key current at each append, and keys only move forward, so older frames always come first."""
+    with open(path, "rb") as fh:
+        head = fh.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return True
+        length, crc = _FRAME.unpack(head)
+        body = fh.read(length)
+    if length < 28 or len(body) != length or zlib.crc32(body) != crc:
+        raise CorruptionError(f"{path.name}: corrupt first record")
+    if cipher.current_opens(body, _aad(aad, 0)):
+        return True
+    cipher.open(body, _aad(aad, 0))  # opened by an older key of the ring, or CorruptionError
+    return False
+
+
+def reencrypt_frames(
+    src: Path, dst: Any, offset: int, end: int, first_record: int, cipher: DataCipher, aad: bytes
+) -> int:
+    """Append the frames of ``src`` from byte ``offset`` (record ``first_record``) up to byte ``end`` to the open
+    file ``dst``, each decrypted with the ring and encrypted again under the current key: same lengths, new
+    nonces and CRCs. Returns how many frames. Anything that is not whole valid frames is CorruptionError."""
+    count = 0
+    with open(src, "rb") as fh:
+        fh.seek(offset)
+        pos = offset
+        while pos < end:
+            head = fh.read(_FRAME.size)
+            if len(head) != _FRAME.size:
+                raise CorruptionError(f"{src.name}: no whole frame at offset {pos}")
+            length, crc = _FRAME.unpack(head)
+            body = fh.read(length)
+            if length < 28 or len(body) != length or zlib.crc32(body) != crc or pos + _FRAME.size + length > end:
+                raise CorruptionError(f"{src.name}: no valid frame at offset {pos}")
+            rec_aad = _aad(aad, first_record + count)
+            nonce, ct = cipher.seal_parts(cipher.open(body, rec_aad), rec_aad)
+            if len(nonce) + len(ct) != length:  # pragma: no cover  (GCM keeps lengths)
+                raise CorruptionError(f"{src.name}: re-encrypted frame changed length")
+            dst.write(_FRAME.pack(length, zlib.crc32(ct, zlib.crc32(nonce))))
+            dst.write(nonce)
+            dst.write(ct)
+            pos += _FRAME.size + length
+            count += 1
+    return count
