@@ -20,6 +20,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ from services.core.errors import Conflict, NotFound, Unprocessable
 from services.core.objectstore import ObjectStore, ObjectStoreError, open_object_store
 
 from .collection import Collection, Settings
-from .crypto import CorruptionError, DataCipher
+from .crypto import CorruptionError, DataCipher, commit_file, temp_path
 from .malloc import bulk_allocations, end_write_burst, trim_memory, tune_malloc, write_burst_idle
+from .rekey import Rekeyer
 from .schema import CollectionConfig, release_parse_buffers
+from .wal import reencrypt_frames, wal_is_current
 
 __all__ = ["Engine", "bulk_allocations", "rss_bytes", "trim_memory", "tune_malloc"]
 
@@ -43,9 +46,12 @@ SNAPSHOT_INDEX = "SNAPSHOT.enc"
 
 
 class Engine:
-    def __init__(self, data_dir: Path, key: bytes, settings: Settings | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, key: bytes, settings: Settings | None = None, previous_keys: Iterable[bytes] = ()
+    ) -> None:
+        """``key`` encrypts; ``previous_keys`` (a re-key that did not finish) only decrypt (``rekey``)."""
         self.data_dir = Path(data_dir)
-        self.cipher = DataCipher(key)
+        self.cipher = DataCipher(key, previous_keys)
         self.settings = settings or Settings()
         self.collections: dict[str, Collection] = {}
         self.catalog_lock = threading.RLock()
@@ -54,6 +60,10 @@ class Engine:
         self.started_at = time.time()
         self.maintenance_errors = 0
         self.auto_seal = True  # a replica seals only where its primary did (replication.py)
+        self.rekeyer = Rekeyer(self)
+        # called with the old keys just before a finished re-key drops them (a replica keeps them for as long as
+        # its primary's frames may still be under them: replication.py)
+        self.on_keys_retired: Callable[[list[bytes]], None] | None = None
 
     # ------------------------------------------------------------------------------------------------------
     def open(self, *, background: bool = True) -> None:
@@ -77,6 +87,8 @@ class Engine:
         for p in (self.data_dir / "collections").iterdir():
             if p.name not in known:  # a half-created or dropped collection
                 shutil.rmtree(p, ignore_errors=True)
+        for p in self.data_dir.glob(".tmp-*"):  # a catalog or replica state write (or re-key) cut by a crash
+            p.unlink(missing_ok=True)
 
     def _open_collections(self, configs: list[CollectionConfig]) -> list[Collection]:
         """Open (load segments, replay WALs) these collections, several at once when there are several: reading
@@ -110,6 +122,7 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.rekeyer.join(timeout=30)
         for c in list(self.collections.values()):
             c.close()
 
@@ -204,7 +217,18 @@ class Engine:
             "write_units": sum(c["write_units"] for c in colls),
             "uptime_seconds": round(time.time() - self.started_at, 3),
             "maintenance_errors": self.maintenance_errors,
+            "rekey": self.rekeyer.status(),
         }
+
+    # ------------------------------------------------------------------------------------------------------
+    def rekey(self, new_key: bytes) -> dict[str, Any]:
+        """Make ``new_key`` the data key now and re-encrypt every file under it in the background (rekey.py).
+        The same key again returns the progress (and finishes an interrupted re-key after a restart with the
+        old key among ``previous_keys``); another key while one runs is a Conflict."""
+        return self.rekeyer.start(new_key)
+
+    def rekey_status(self) -> dict[str, Any]:
+        return self.rekeyer.status()
 
     # ------------------------------------------------------------------------------------------------------
     def snapshot(self, store: ObjectStore) -> dict[str, Any]:
@@ -216,6 +240,7 @@ class Engine:
             try:
                 captured = [(c, *c.capture()) for c in colls]
                 catalog = {"version": 1, "collections": [c.cfg.to_json() for c in colls]}
+                key_ids = self.cipher.key_ids()  # during a re-key its files may be under either key
             finally:
                 for c in reversed(colls):
                     c.write_lock.release()
@@ -254,24 +279,29 @@ class Engine:
             "files": len(files),
             "bytes": total,
             "vector_count": sum(len(c.id_map) for c in colls),
+            "key_ids": key_ids,
         }
 
-    def restore(self, store: ObjectStore) -> dict[str, Any]:
-        """Load a snapshot into this (empty) engine."""
+    def restore(self, store: ObjectStore, extra_keys: Iterable[bytes] = ()) -> dict[str, Any]:
+        """Load a snapshot into this (empty) engine. The snapshot opens with the engine's key ring plus
+        ``extra_keys`` (a backup taken under an older key, or during a re-key); its files are re-encrypted
+        under the engine's current key as they are installed."""
+        extra = list(extra_keys)
+        ring = self.cipher.with_extra(extra) if extra else self.cipher
         with self.catalog_lock:
             if self.collections:
                 raise Conflict("restore needs an empty engine; drop its collections first", code="engine_not_empty")
             try:
-                index = orjson.loads(self.cipher.open(store.get_bytes(SNAPSHOT_INDEX), b"vecta|snapshot"))
+                index = orjson.loads(ring.open(store.get_bytes(SNAPSHOT_INDEX), b"vecta|snapshot"))
             except CorruptionError as exc:
                 raise Unprocessable(
                     "the snapshot index failed authentication (tampered, or another data key)",
                     code="snapshot_invalid",
                 ) from exc
             with bulk_allocations():
-                return self._restore(store, index)
+                return self._restore(store, index, ring)
 
-    def _restore(self, store: ObjectStore, index: dict[str, Any]) -> dict[str, Any]:
+    def _restore(self, store: ObjectStore, index: dict[str, Any], ring: DataCipher) -> dict[str, Any]:
         """Fetch, verify, load and publish a snapshot; the caller holds the catalog lock."""
         stage = self.data_dir / f".restore-{secrets.token_hex(4)}"
         stage.mkdir(parents=True)
@@ -292,11 +322,14 @@ class Engine:
                     raise Unprocessable(f"snapshot file {f['path']} is damaged", code="snapshot_invalid")
                 handles.append(open(dest, "rb"))  # closed by _sha256_of, or below if never hashed
                 checks.append((f, hasher.submit(_sha256_of, handles[-1], f["size"])))
+            for f in index["files"]:  # what is not under the current key is re-encrypted (handles hash the copy)
+                if not f["path"].endswith("/MANIFEST.snapshot"):
+                    _to_current_key(ring, stage / f["path"], f"vecta|{f['path']}".encode())
             for cfg_doc in index["catalog"]["collections"]:
                 cdir = stage / "collections" / cfg_doc["cid"]
                 rel = f"collections/{cfg_doc['cid']}"
                 aad = f"vecta|{rel}/".encode()
-                manifest = self.cipher.open((cdir / "MANIFEST.snapshot").read_bytes(), aad + b"MANIFEST.snapshot")
+                manifest = ring.open((cdir / "MANIFEST.snapshot").read_bytes(), aad + b"MANIFEST.snapshot")
                 (cdir / "MANIFEST.snapshot").unlink()
                 self.cipher.write_file(cdir / "MANIFEST.enc", [manifest], aad + b"MANIFEST.enc")
             self.cipher.write_file(stage / CATALOG, [orjson.dumps(index["catalog"])], b"vecta|" + CATALOG.encode())
@@ -334,6 +367,24 @@ class Engine:
             "collections": sorted(self.collections),
             "vector_count": sum(len(c.id_map) for c in self.collections.values()),
         }
+
+
+def _to_current_key(ring: DataCipher, path: Path, aad: bytes) -> None:
+    """Re-encrypt a restored segment or WAL file under the current key unless it is under it already."""
+    if path.name.endswith(".log"):
+        if wal_is_current(path, ring, aad):
+            return
+        tmp = temp_path(path)
+        try:
+            with open(tmp, "wb") as dst:
+                reencrypt_frames(path, dst, 0, path.stat().st_size, 0, ring, aad)
+                dst.flush()
+                os.fsync(dst.fileno())
+            commit_file(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    elif not ring.file_is_current(path, aad):
+        commit_file(ring.reencrypt_file(path, aad), path)
 
 
 def open_store(uri: Any) -> ObjectStore:

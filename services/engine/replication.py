@@ -24,6 +24,13 @@ collection is kept in ``replica.enc`` (encrypted) after each applied answer; rec
 between the two are harmless (upserts and deletes by id are idempotent). The replica refuses writes (409
 ``read_only_replica``) and answers reads with 503 ``replica_not_ready`` until its first bootstrap is done or
 while it has been behind its primary for more than ``LAG_GRACE_SECONDS``.
+
+Re-key (rekey.py): the primary and each replica re-encrypt their own data dirs, each when told to. Every answer
+names the primary's keys (``keys``: public key ids, current first, then those its files may still be under). A
+replica goes on only while it holds all of them (its ring, plus the keys its own finished re-key retired, kept
+until the primary names none of them); otherwise it waits (no bootstrap, reads 503 once behind for
+``LAG_GRACE_SECONDS``) until it is given the primary's new key. Re-keying the replicas first, then the primary,
+never stalls them.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from services.core.errors import BadRequest, Conflict, NotFound, ServiceUnavaila
 from services.core.objectstore import LocalObjectStore
 
 from .collection import Collection
-from .crypto import CorruptionError
+from .crypto import CorruptionError, DataCipher, key_id
 from .engine import Engine
 from .schema import CollectionConfig, expect_object, loads
 from .wal import open_frames, read_frames
@@ -224,7 +231,8 @@ class Primary:
             budget -= len(frames)
             chunks.append(meta)
             parts.append(frames)
-        header = orjson.dumps({"epoch": self.epoch(), "catalog": self.catalog(colls), "chunks": chunks})
+        keys = self.engine.cipher.key_ids()
+        header = orjson.dumps({"epoch": self.epoch(), "keys": keys, "catalog": self.catalog(colls), "chunks": chunks})
         return b"".join([_HLEN.pack(len(header)), header, *parts])
 
     # -- snapshots for bootstrapping -----------------------------------------------------------------------
@@ -243,7 +251,12 @@ class Primary:
             raise
         with self._lock:
             self._snapshots[sid] = (root, time.monotonic(), files)
-        return {"id": sid, "epoch": epoch, "files": [{"key": k, "size": n} for k, n in sorted(files.items())]}
+        return {
+            "id": sid,
+            "epoch": epoch,
+            "keys": self.engine.cipher.key_ids(),
+            "files": [{"key": k, "size": n} for k, n in sorted(files.items())],
+        }
 
     def piece(self, sid: str, key: str, offset: int) -> bytes:
         with self._lock:
@@ -307,7 +320,8 @@ class Primary:
             if isinstance(replica, str) and replica:
                 self.followers[replica[:64]] = {"seen": time.monotonic(), "lag_bytes": doc.get("lag_bytes")}
             if doc.get("epoch") != self.epoch():
-                header = orjson.dumps({"epoch": self.epoch(), "rebootstrap": True})
+                keys = self.engine.cipher.key_ids()
+                header = orjson.dumps({"epoch": self.epoch(), "keys": keys, "rebootstrap": True})
                 return route, (b"application/octet-stream", _HLEN.pack(len(header)) + header), 200
             deadline = time.monotonic() + wait
             # polling the in-memory WAL heads keeps the write path free of any notification hook
@@ -376,6 +390,9 @@ class Follower:
         self.applied_records = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._retained: list[bytes] = []  # keys this replica's own re-key retired, while the primary may use them
+        self._ring: tuple[tuple[str, ...], DataCipher] | None = None
+        self.waiting_for_key = False  # the primary names a key this replica does not hold
 
     # -- public-route gate (hot path: attribute reads only) -------------------------------------------------
     def check(self, method: str, parts: list[str]) -> None:
@@ -409,12 +426,14 @@ class Follower:
             "bootstraps": self.bootstraps,
             "errors": self.errors,
             "last_error": self.last_error,
+            "waiting_for_key": self.waiting_for_key,
         }
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
         """After the engine opened: resume from the saved positions, or bootstrap."""
         self.engine.auto_seal = False
+        self.engine.on_keys_retired = self._retain_keys
         self._load_state()
         self._thread = threading.Thread(target=self._run, name="vecta-replica", daemon=True)
         self._thread.start()
@@ -427,12 +446,44 @@ class Follower:
     def _state_path(self) -> Path:
         return self.engine.data_dir / STATE_FILE
 
+    # -- keys ------------------------------------------------------------------------------------------------
+    def _retain_keys(self, keys: list[bytes]) -> None:
+        """This engine's re-key is about to drop ``keys``: keep them for the primary's frames."""
+        self._retained = [*self._retained, *keys]
+        self._ring = None
+
+    def _frame_ring(self) -> DataCipher:
+        """The engine's ring, plus the retained keys (if any) for frames the primary wrote under them."""
+        cipher = self.engine.cipher
+        if not self._retained:
+            return cipher
+        ids = tuple(cipher.key_ids())
+        if self._ring is None or self._ring[0] != ids:
+            self._ring = (ids, cipher.with_extra(self._retained))
+        return self._ring[1]
+
+    def _check_keys(self, keys: Any) -> None:
+        """Go on only with every key the primary's data may be under (see the module docstring)."""
+        if not isinstance(keys, list):
+            return  # an older primary: frames tell
+        own = set(self.engine.cipher.key_ids())
+        if self._retained and set(keys) <= own:
+            self._retained, self._ring = [], None  # the primary is done with the old keys: so is this replica
+        known = own | {key_id(k) for k in self._retained}
+        if not set(keys) <= known:
+            self.waiting_for_key = True
+            if self.behind_since is None:
+                self.behind_since = time.monotonic()
+            raise KeyMismatch("the primary's data is under a key this replica does not hold (waiting for a rekey)")
+        self.waiting_for_key = False
+
     def _load_state(self) -> None:
         path = self._state_path()
         if not path.exists():
             return
         try:
-            doc = orjson.loads(self.engine.cipher.read_file(path, b"vecta|" + STATE_FILE.encode()).tobytes())
+            with self.engine.catalog_lock:  # a re-key may be re-encrypting it
+                doc = orjson.loads(self.engine.cipher.read_file(path, b"vecta|" + STATE_FILE.encode()).tobytes())
         except (CorruptionError, ValueError):
             log.warning("replica state unreadable: bootstrapping again")
             return
@@ -443,7 +494,8 @@ class Follower:
 
     def _save_state(self) -> None:
         doc = {"epoch": self.epoch, "positions": {cid: list(p) for cid, p in self.positions.items()}}
-        self.engine.cipher.write_file(self._state_path(), [orjson.dumps(doc)], b"vecta|" + STATE_FILE.encode())
+        with self.engine.catalog_lock:  # a re-key re-encrypts it under this lock: no newer state is overwritten
+            self.engine.cipher.write_file(self._state_path(), [orjson.dumps(doc)], b"vecta|" + STATE_FILE.encode())
 
     def _run(self) -> None:
         import httpx
@@ -496,6 +548,11 @@ class Follower:
         self.bootstrapped = False
         self._state_path().unlink(missing_ok=True)
         snap = self._post(client, "replication-snapshot", {}).json()
+        try:
+            self._check_keys(snap.get("keys"))
+        except KeyMismatch:
+            self._post(client, "replication-release", {"id": snap["id"]})
+            raise
         stage = self.engine.data_dir / BOOTSTRAP
         shutil.rmtree(stage, ignore_errors=True)
         try:
@@ -516,7 +573,8 @@ class Follower:
             with eng.catalog_lock:
                 for name in list(eng.collections):
                     eng.drop_collection(name)
-                eng.restore(LocalObjectStore(stage))  # checks every file's size and hash, then loads
+                # checks every file's size and hash, re-encrypts under this engine's key, then loads
+                eng.restore(LocalObjectStore(stage), self._retained)
                 positions: dict[str, Position] = {}
                 for c in eng.collections.values():
                     with c.write_lock:
@@ -546,6 +604,7 @@ class Follower:
         (hlen,) = _HLEN.unpack_from(data, 0)
         header = orjson.loads(data[4 : 4 + hlen])
         self.last_contact = time.monotonic()
+        self._check_keys(header.get("keys"))
         if header.get("rebootstrap"):
             raise NeedBootstrap
         changed = self._sync_catalog(header["catalog"])
@@ -595,7 +654,8 @@ class Follower:
             if not (start[0] > cur[0] and start[1:] == (0, 0)):
                 raise NeedBootstrap
             coll.seal()
-        payloads = open_frames(frames, coll.cipher, coll.aad(wal_name(start[0])), start[1]) if frames else []
+        ring = self._frame_ring()
+        payloads = open_frames(frames, ring, coll.aad(wal_name(start[0])), start[1]) if frames else []
         if len(payloads) != ch["count"]:
             raise ReplicationError("frame count does not match the header")
         if payloads:
@@ -610,6 +670,10 @@ class Follower:
 
 class ReplicationError(Exception):
     pass
+
+
+class KeyMismatch(ReplicationError):
+    """The primary's data is under a key this replica does not hold: wait for a rekey (never bootstrap)."""
 
 
 def apply_records(coll: Collection, payloads: list[bytes]) -> None:

@@ -32,6 +32,7 @@ from services.core.errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    Unprocessable,
     UnsupportedMediaType,
     VectaError,
     problem_for_status,
@@ -39,7 +40,7 @@ from services.core.errors import (
 from services.core.metrics import RequestMetrics
 
 from . import malloc, schema
-from .crypto import CorruptionError
+from .crypto import CorruptionError, parse_data_key
 from .engine import Engine, open_store
 from .replication import Follower, Primary
 from .schema import MAX_BODY_BYTES, expect_object, loads, parse_collection, parse_upsert, single_search
@@ -544,16 +545,29 @@ class EngineApp:
             if self.follower is not None:
                 raise Conflict("a read replica does not serve replicas", code="read_only_replica")
             return await self.replication.handle(name, method, await self._body(receive, scope))
-        if name in ("snapshot", "restore") and method == "POST":
-            if name == "restore" and self.follower is not None:
-                raise Conflict("a read replica copies its primary; restore the primary", code="read_only_replica")
+        if name == "snapshot" and method == "POST":
             doc = expect_object(loads(await self._body(receive, scope)), {"uri"})
             store = open_store(doc.get("uri"))
-            fn = eng.snapshot if name == "snapshot" else eng.restore
-            result = await loop.run_in_executor(self.admin_pool, fn, store)
-            if name == "restore":
-                self.replication.new_epoch()  # replicas of the data before the restore copy it afresh
-            return "internal_" + name, result, 200
+            return "internal_snapshot", await loop.run_in_executor(self.admin_pool, eng.snapshot, store), 200
+        if name == "restore" and method == "POST":
+            if self.follower is not None:
+                raise Conflict("a read replica copies its primary; restore the primary", code="read_only_replica")
+            doc = expect_object(loads(await self._body(receive, scope)), {"uri", "data_keys"})
+            extra = _data_keys(doc.get("data_keys"), "body.data_keys")
+            store = open_store(doc.get("uri"))
+            result = await loop.run_in_executor(self.admin_pool, eng.restore, store, extra)
+            self.replication.new_epoch()  # replicas of the data before the restore copy it afresh
+            return "internal_restore", result, 200
+        if name == "rekey":
+            if method == "GET":
+                return "internal_rekey", eng.rekey_status(), 200
+            if method == "POST":
+                doc = expect_object(loads(await self._body(receive, scope)), {"data_key"})
+                if doc.get("data_key") is None:
+                    raise Unprocessable("body.data_key is required (32 bytes, base64)", code="validation_error")
+                key = _data_key(doc["data_key"], "body.data_key")
+                return "internal_rekey", eng.rekey(key), 202  # starts a thread; returns at once
+            raise MethodNotAllowed(f"{method} is not allowed here; use GET or POST", code="method_not_allowed")
         if name == "flush" and method == "POST":
             await loop.run_in_executor(self.admin_pool, eng.wait_ready, 600.0)
             return "internal_flush", {"status": "ready"}, 200
@@ -569,6 +583,22 @@ class EngineApp:
 
         m.rss.set(rss_bytes())
         return generate_latest(m.registry)
+
+
+def _data_key(value: Any, where: str) -> bytes:
+    """A 32-byte base64 key from a request; the error names the field, never the value."""
+    try:
+        return parse_data_key(value, where)
+    except ValueError as exc:
+        raise Unprocessable(str(exc), code="validation_error") from None
+
+
+def _data_keys(value: Any, where: str) -> list[bytes]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > 16:
+        raise Unprocessable(f"{where} must be a list of at most 16 base64 keys", code="validation_error")
+    return [_data_key(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
 def _search_wide(fn: Callable[[Any], Any], p: Any, threads: int) -> Any:
