@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     sv = sub.add_parser(
         "serve", help="Serve the data-plane API", description="Serve the data-plane API. Needs VECTA_ENGINE_TOKEN "
-        "and VECTA_ENGINE_DATA_KEY (32 bytes, base64) in the environment."
+        "and VECTA_ENGINE_DATA_KEY (32 bytes, base64) in the environment (optional: VECTA_ENGINE_PREVIOUS_DATA_KEYS, "
+        "comma-separated), or with --secrets-stdin one JSON line on stdin."
     )  # fmt: skip
     sv.add_argument("--data-dir", required=True, help="Folder holding this worker's encrypted data")
     sv.add_argument("--host", default="127.0.0.1")
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--search-threads", type=int, default=0, help="Search pool size (0: cores, at least 2)")
     sv.add_argument("--max-segments", type=int, default=8, help="Merge sealed segments beyond this many")
     sv.add_argument("--log-level", default="warning")
+    sv.add_argument(
+        "--secrets-stdin",
+        action="store_true",
+        help='Read the secrets from one JSON line on stdin: {"token": ..., "data_key": base64, '
+        '"previous_data_keys": [base64, ...]} (stdin is then reopened on /dev/null)',
+    )
     sv.add_argument(
         "--replica-of", default="", help="Serve as a read replica of the engine at this URL (same token and data key)"
     )
@@ -76,20 +83,117 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args)
 
 
+SECRET_ENV = ("VECTA_ENGINE_TOKEN", "VECTA_ENGINE_DATA_KEY", "VECTA_ENGINE_PREVIOUS_DATA_KEYS")
+
+
+class SecretsError(ValueError):
+    """Unusable secrets; the message names the field and never shows a value."""
+
+
+def secrets_from_env() -> tuple[str, bytes, list[bytes]]:
+    """The token, data key and previous data keys from the environment, which then forgets them (child processes
+    do not inherit them, and the process's initial environment block is blanked where they were)."""
+    from .crypto import parse_data_key, parse_data_keys
+
+    try:
+        token = os.environ.get("VECTA_ENGINE_TOKEN", "")
+        if not token:
+            raise SecretsError("VECTA_ENGINE_TOKEN is not set")
+        try:
+            key = parse_data_key(os.environ.get("VECTA_ENGINE_DATA_KEY"))
+            previous = parse_data_keys(
+                os.environ.get("VECTA_ENGINE_PREVIOUS_DATA_KEYS"), "VECTA_ENGINE_PREVIOUS_DATA_KEYS"
+            )
+        except ValueError as exc:
+            raise SecretsError(str(exc)) from None
+    finally:
+        for name in SECRET_ENV:
+            os.environ.pop(name, None)
+        scrub_initial_environ(SECRET_ENV)
+    return token, key, previous
+
+
+def secrets_from_line(line: bytes) -> tuple[str, bytes, list[bytes], dict[str, Any]]:
+    """(token, data key, previous data keys, the rest) from one JSON line; errors never echo it."""
+    import json
+
+    from .crypto import parse_data_key, parse_data_keys
+
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        raise SecretsError("the secrets line is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise SecretsError("the secrets line must be a JSON object")
+    token = doc.pop("token", None)
+    if not isinstance(token, str) or not token:
+        raise SecretsError("token is missing or not a non-empty string")
+    try:
+        key = parse_data_key(doc.pop("data_key", None), "data_key")
+        previous = parse_data_keys(list_or_none(doc.pop("previous_data_keys", None)), "previous_data_keys")
+    except ValueError as exc:
+        raise SecretsError(str(exc)) from None
+    return token, key, previous, doc
+
+
+def list_or_none(value: Any) -> Any:
+    """JSON's previous_data_keys must be a list (the comma-separated form is the environment's)."""
+    if value is not None and not isinstance(value, list):
+        raise ValueError("previous_data_keys must be a list of base64 strings")
+    return value
+
+
+def read_secrets_stdin() -> tuple[str, bytes, list[bytes]]:
+    """One JSON line from stdin (``{"token", "data_key", "previous_data_keys"?}``), then stdin is /dev/null."""
+    try:
+        line = sys.stdin.buffer.readline(1 << 16)
+    finally:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    if not line.strip():
+        raise SecretsError("no secrets line on stdin")
+    token, key, previous, rest = secrets_from_line(line)
+    del line
+    if rest:
+        raise SecretsError(f"unknown field {sorted(rest)[0]!r} in the secrets line")
+    return token, key, previous
+
+
+def scrub_initial_environ(names: tuple[str, ...]) -> None:
+    """Blank ``NAME=value`` entries of ``names`` in the environment block the process started with, which
+    /proc/<pid>/environ shows even after ``os.environ`` forgot them (as ``set_cmdline`` rewrites argv in place).
+    Best effort: nothing happens where /proc or the block cannot be read."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50 and 51 of proc(5))
+    except (OSError, IndexError, ValueError):
+        return
+    if not 0 < start < end or end - start > (1 << 24):
+        return
+    block = ctypes.string_at(start, end - start)
+    prefixes = tuple(n.encode() + b"=" for n in names)
+    pos = 0
+    for entry in block.split(b"\0"):
+        if entry.startswith(prefixes):
+            ctypes.memset(start + pos, 0, len(entry))
+        pos += len(entry) + 1
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Serve the data-plane API. Needs VECTA_ENGINE_TOKEN and VECTA_ENGINE_DATA_KEY (32 bytes, base64)."""
+    """Serve the data-plane API. Secrets: VECTA_ENGINE_TOKEN, VECTA_ENGINE_DATA_KEY (32 bytes, base64) and the
+    optional VECTA_ENGINE_PREVIOUS_DATA_KEYS (comma-separated) from the environment, or with ``--secrets-stdin``
+    one JSON line on stdin."""
     from .collection import Settings
-    from .crypto import parse_data_key
     from .engine import Engine, tune_malloc
     from .server import EngineApp
 
-    token = os.environ.get("VECTA_ENGINE_TOKEN", "")
-    if not token:
-        print("VECTA_ENGINE_TOKEN is not set; refusing to start", file=sys.stderr)
-        return 2
     try:
-        key = parse_data_key(os.environ.get("VECTA_ENGINE_DATA_KEY"))
-    except ValueError as exc:
+        token, key, previous = read_secrets_stdin() if args.secrets_stdin else secrets_from_env()
+    except SecretsError as exc:
         print(f"{exc}; refusing to start", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -101,7 +205,7 @@ def serve(args: argparse.Namespace) -> int:
         max_segments=args.max_segments,
     )
     tune_malloc()
-    engine = Engine(Path(args.data_dir), key, settings)
+    engine = Engine(Path(args.data_dir), key, settings, previous)
     asgi = EngineApp(engine, token, search_threads=args.search_threads or None)
     if args.replica_of and not (args.replica_unless_ordinal_0 and socket.gethostname().endswith("-0")):
         from .replication import Follower
@@ -113,7 +217,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def spare(spare_id: str) -> int:
     """A warm engine for the local provisioner: imports the engine, uvicorn and their libraries now, then waits
-    on stdin for one assignment (a JSON line: data dir, port, threads, limits, log file, token, data key) and
+    on stdin for one assignment (a JSON line: data dir, port, threads, limits, log file, token, data key, optional
+    previous data keys) and
     serves that cluster exactly as `serve` would. The secrets arrive only through the pipe (never argv, the
     environment or a file). Exits without serving when stdin closes first: its provisioner went away."""
     import json
@@ -123,7 +228,7 @@ def spare(spare_id: str) -> int:
 
     from . import http  # noqa: F401
     from .collection import Settings
-    from .crypto import parse_data_key
+    from .crypto import parse_data_key, parse_data_keys
     from .engine import Engine, tune_malloc
     from .server import EngineApp
 
@@ -134,7 +239,8 @@ def spare(spare_id: str) -> int:
     try:
         job = json.loads(line)
         token = str(job.pop("token"))
-        key = parse_data_key(job.pop("data_key"))
+        key = parse_data_key(job.pop("data_key"), "data_key")
+        previous = parse_data_keys(list_or_none(job.pop("previous_data_keys", None)), "previous_data_keys")
         data_dir = Path(job["data_dir"])
         host, port = str(job.get("host", "127.0.0.1")), int(job["port"])
         log_level = str(job.get("log_level", "warning"))
@@ -156,7 +262,7 @@ def spare(spare_id: str) -> int:
         print(f"spare {spare_id}: empty engine token; refusing to start", file=sys.stderr)
         return 2
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    engine = Engine(data_dir, key, settings)
+    engine = Engine(data_dir, key, settings, previous)
     asgi = EngineApp(engine, token, search_threads=search_threads or None)
     serve_http(asgi, host, port, log_level)
     return 0
