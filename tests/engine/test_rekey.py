@@ -663,3 +663,58 @@ def test_replicas_follow_a_rekeyed_primary_in_either_order(tmp_path: Path) -> No
         primary.stop()
     for d in ("p", "r1", "r2"):
         assert assert_all_under(tmp_path / d, new, old) >= 2
+
+
+@pytest.mark.slow
+def test_kill9_during_rekey_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    rng = np.random.default_rng(23)
+    proc = EngineProcess(tmp_path / "data", old, "--seal-rows", "400", "--idle-seal-seconds", "0.2")
+    proc.start()
+    acked: set[str] = set()
+    with proc.client() as c:
+        body = {"name": "docs", "dimension": 8, "metric": "l2", "index": {"type": "hnsw"}}
+        assert c.post("/v1/collections", json=body).status_code == 201
+        for i in range(0, 3000, 500):
+            assert c.post("/v1/collections/docs/upsert", json={"records": _records(rng, i, 500)}).status_code == 200
+            acked.update(f"d{j}" for j in range(i, i + 500))
+        stop = threading.Event()
+
+        def writer() -> None:
+            n = 10_000
+            with proc.client() as w:
+                while not stop.is_set():
+                    try:
+                        r = w.post("/v1/collections/docs/upsert", json={"records": _records(rng, n, 20)}, timeout=5)
+                    except httpx.HTTPError:
+                        return
+                    if r.status_code != 200:
+                        return
+                    acked.update(f"d{j}" for j in range(n, n + 20))
+                    n += 20
+
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.3)
+        assert c.post("/internal/rekey", json={"data_key": b64(new)}).status_code == 202
+        time.sleep(float(rng.random()) * 0.02)  # the re-key of these few files takes tens of ms
+        proc.kill9()
+        stop.set()
+        t.join(10)
+    proc.stop()
+    again = EngineProcess(tmp_path / "data", new, env={"VECTA_ENGINE_PREVIOUS_DATA_KEYS": b64(old)})
+    again.start()
+    try:
+        with again.client() as c:
+            assert c.post("/internal/rekey", json={"data_key": b64(new)}).status_code == 202
+            _until(lambda: _rekey_done(c), timeout=60, what="the resumed re-key")
+            ids = sorted(acked)
+            for i in range(0, len(ids), 1000):
+                got = c.post("/v1/collections/docs/fetch", json={"ids": ids[i : i + 1000], "include_vectors": False})
+                assert len(got.json()["records"]) == len(ids[i : i + 1000])
+    finally:
+        again.stop()
+    assert assert_all_under(tmp_path / "data", new, old) >= 2
+    final = EngineProcess(tmp_path / "data", new)  # the new key alone
+    final.start()
+    final.stop()
