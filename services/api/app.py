@@ -27,6 +27,7 @@ from services.auth.endpoints import router as identity_router
 from services.control_plane.backups.endpoints import router as backups_router
 from services.control_plane.clusters.endpoints import router as clusters_router
 from services.control_plane.endpoints import router as control_router
+from services.control_plane.keys.endpoints import router as keys_router
 from services.core.celery_app import celery_app, reconfigure
 from services.core.db import Database
 from services.core.kv import make_kv
@@ -101,6 +102,7 @@ def create_app() -> FastAPI:
     app.include_router(control_router)
     app.include_router(clusters_router)
     app.include_router(backups_router)
+    app.include_router(keys_router)
     app.router.routes.extend(edge.routes(lambda request: request.app.state.edge))
     _service_routes(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -44,6 +44,7 @@ from services.auth.crypto import token_hash
 from services.auth.subject import AuthSubject
 from services.control_plane.clusters import tasks as cluster_tasks
 from services.control_plane.clusters.models import Cluster, Job
+from services.control_plane.clusters.state import KEY_UNAVAILABLE_REASON as KEY_SUSPENDED
 from services.control_plane.clusters.state import Status, can
 from services.control_plane.imports import api as imports_api
 from services.core import audit
@@ -102,6 +103,7 @@ class ClusterRoute:
     engine_url: str | None
     token: str
     readers: tuple[str, ...] = ()  # the primary and its read replicas: where idempotent reads may go
+    status_reason: str | None = None
 
 
 class Edge:
@@ -241,9 +243,9 @@ class Edge:
         async with self.db.session() as session:
             c = await session.get(Cluster, cluster_id)
             if c is not None and c.status != Status.DELETED.value:
-                token = cluster_tasks.cluster_secrets(c)[0] if c.engine_url else ""
+                token = cluster_tasks.engine_token(c) if c.engine_url else ""
                 route = ClusterRoute(c.id, c.org_id, c.project_id, c.plan, c.status, c.engine_url, token,
-                                     _readers(c.engine_url, c.engine_state))  # fmt: skip
+                                     _readers(c.engine_url, c.engine_state), c.status_reason)  # fmt: skip
         if len(self._routes) > 10_000:
             self._routes.clear()
         # A cluster on its way to RUNNING (resuming, creating) is looked at again soon: requests retried while
@@ -502,6 +504,12 @@ class Edge:
         """503 + Retry-After unless the cluster is RUNNING; a suspended serverless cluster starts resuming."""
         if route.status == Status.RUNNING.value and route.engine_url:
             return
+        if route.status == Status.SUSPENDED.value and route.status_reason == KEY_SUSPENDED:
+            raise ServiceUnavailable(
+                f"cluster {route.id} is suspended: its encryption key is unavailable (disabled, scheduled for "
+                "deletion or unreachable); it resumes by itself once the key is usable again",
+                retry_after=60, code=KEY_SUSPENDED,
+            )  # fmt: skip
         if route.status == Status.SUSPENDED.value and route.plan == "serverless":
             await self.resume_on_call(route)
             raise ServiceUnavailable(

@@ -28,7 +28,12 @@ _VERSION = b"\x01"
 
 
 class KeyUnavailable(Exception):
-    """The key-encryption key cannot be used (disabled, deleted, unreachable) or the wrapped key is invalid."""
+    """The key-encryption key cannot be used (disabled, deleted, unreachable) or the wrapped key is invalid.
+    ``transient``: the provider could not be reached or throttled us (worth retrying; a 503, not a 409)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class KeyState:
     usable: bool
     state: Literal["enabled", "disabled", "pending_deletion", "unreachable"]
     version: str
+    reason: str = ""  # why it is not usable (the provider's error), for status_reason and audit rows
+    transient: bool = False  # unusable because the provider could not be asked (network, throttling, outage)
 
 
 class KeyProvider(Protocol):
@@ -113,6 +120,12 @@ _KMS_STATES: dict[str, Literal["enabled", "disabled", "pending_deletion"]] = {
     "PendingDeletion": "pending_deletion",
     "PendingReplicaDeletion": "pending_deletion",
 }
+
+
+_TRANSIENT_CODES = frozenset(
+    {"ThrottlingException", "KMSInternalException", "DependencyTimeoutException", "RequestLimitExceeded",
+     "ServiceUnavailable", "InternalFailure"}
+)  # fmt: skip
 
 
 def new_external_id() -> str:
@@ -202,23 +215,34 @@ class AwsKmsKeyProvider:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "Unknown")
             msg = exc.response.get("Error", {}).get("Message", "")
-            raise KeyUnavailable(f"AWS KMS {what} of {self.key_arn} failed: {code}: {msg}".rstrip(": ")) from None
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            transient = code in _TRANSIENT_CODES or status >= 500
+            raise KeyUnavailable(
+                f"AWS KMS {what} of {self.key_arn} failed: {code}: {msg}".rstrip(": "), transient=transient
+            ) from None
         except BotoCoreError as exc:  # endpoint unreachable, timeouts, bad credentials chain, ...
-            raise KeyUnavailable(f"AWS KMS {what} of {self.key_arn} failed: {type(exc).__name__}: {exc}") from None
+            raise KeyUnavailable(
+                f"AWS KMS {what} of {self.key_arn} failed: {type(exc).__name__}: {exc}", transient=True
+            ) from None
 
     # -- KeyProvider ---------------------------------------------------------------------------------------------
     def describe(self) -> KeyState:
         try:
             meta = self._call("DescribeKey", lambda kms: kms.describe_key(KeyId=self.key_arn))["KeyMetadata"]
-        except KeyUnavailable:
-            return KeyState(usable=False, state="unreachable", version="")
+        except KeyUnavailable as exc:
+            return KeyState(usable=False, state="unreachable", version="", reason=str(exc), transient=exc.transient)
         state = _KMS_STATES.get(meta.get("KeyState", ""), "disabled")  # Creating, Unavailable, ...: not usable
-        return KeyState(usable=state == "enabled", state=state, version=meta.get("KeyId", ""))
+        reason = "" if state == "enabled" else f"AWS KMS key {self.key_arn} is {meta.get('KeyState', 'not usable')}"
+        return KeyState(usable=state == "enabled", state=state, version=meta.get("KeyId", ""), reason=reason)
 
     def _require_usable(self) -> None:
         st = self.describe()
         if not st.usable:
-            raise KeyUnavailable(f"AWS KMS key {self.key_arn} is {st.state.replace('_', ' ')}")
+            raise KeyUnavailable(
+                f"AWS KMS key {self.key_arn} is {st.state.replace('_', ' ')}"
+                + (f" ({st.reason})" if st.state == "unreachable" and st.reason else ""),
+                transient=st.transient,
+            )
 
     def generate_data_key(self, context: dict[str, str]) -> tuple[bytes, bytes]:
         self._require_usable()

@@ -16,6 +16,9 @@ class Organization(IdMixin, TimestampMixin, Base):
 
     name: Mapped[str] = mapped_column(String(200))
     billing_email: Mapped[str | None] = mapped_column(String(320))
+    # The sts:ExternalId Vecta presents when it assumes a customer's role for their KMS key (made on first use;
+    # one per organization, so no other customer can have Vecta assume that role: the confused-deputy guard).
+    kms_external_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Project(IdMixin, TimestampMixin, Base):

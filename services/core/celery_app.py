@@ -30,6 +30,7 @@ TASK_MODULES = [
     "services.control_plane.clusters.tasks",
     "services.control_plane.backups.tasks",
     "services.control_plane.imports.tasks",
+    "services.control_plane.keys.tasks",
 ]
 
 
@@ -74,6 +75,7 @@ def _make_app() -> Celery:
             "mail.sweep": {"task": "mail.sweep", "schedule": 60.0},
             "cluster.reconcile": {"task": "cluster.reconcile", "schedule": settings.reconcile_interval_seconds},
             "backup.sweep": {"task": "backup.sweep", "schedule": 300.0},
+            "keys.check": {"task": "keys.check", "schedule": settings.key_check_interval_seconds},
             "imports.sweep": {"task": "imports.sweep", "schedule": 60.0},
         },
         timezone="UTC",

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     local_spare_engines: int = Field(1, ge=0, le=8)  # warm `vecta engine spare` processes per worker
     max_cu_size: int = Field(16, ge=1)
     reconcile_interval_seconds: float = Field(10.0, gt=0)
+    key_check_interval_seconds: float = Field(
+        300.0, gt=0, description="how often every encryption key's state is checked (revocation, its end)"
+    )
     engine_start_timeout_seconds: float = Field(60.0, gt=0)
     deleted_retention_days: int = Field(7, ge=0)
     dataplane_max_body_bytes: int = Field(64 << 20, ge=1024)

@@ -88,6 +88,15 @@ GET    /v1/clusters/{cluster_id}/backup-policy
                                             200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
 PUT    /v1/clusters/{cluster_id}/backup-policy
                                             200 404 404 200 200 403 403 404 200 200 403 404 404 401 401 401
+POST   /v1/projects/{project_id}/encryption-keys
+                                            201 404 404 201 403 403 403 404 201 201 403 404 404 401 401 401
+GET    /v1/projects/{project_id}/encryption-keys
+                                            200 404 404 200 200 403 403 404 200 200 403 404 404 401 401 401
+GET    /v1/projects/{project_id}/encryption-keys/aws-setup
+                                            200 404 404 200 403 403 403 404 200 200 403 404 404 401 401 401
+GET    /v1/encryption-keys/{key_id}         200 404 404 200 200 403 403 404 200 200 403 404 404 401 401 401
+POST   /v1/encryption-keys/{key_id}/rotate  200 404 404 200 403 403 403 404 200 200 403 404 404 401 401 401
+DELETE /v1/encryption-keys/{key_id}         204 404 404 204 403 403 403 404 204 204 403 404 404 401 401 401
 GET    {dp}                                 200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
 POST   {dp}                                 201 404 404 201 201 201 403 404 201 201 201 404 404 401 401 401
 GET    {dp}/{name}                          200 404 404 200 200 200 200 404 200 200 200 404 404 401 401 401
@@ -180,6 +189,7 @@ class World:
     cluster_id: str = ""  # the matrix cluster: a real engine in the default project, kcl's only cluster
     job_id: str = ""  # its provisioning job
     backup_id: str = ""  # an AVAILABLE backup of it
+    encryption_key_id: str = ""  # a managed encryption key of the default project
 
     @property
     def org_id(self) -> str:
@@ -265,6 +275,7 @@ async def world(app: FastAPI, cheap_password_hashing: None) -> AsyncIterator[Wor
         await w.ok("POST", f"{_dp(w)}/{SHARED}/upsert", {"records": SHARED_RECORDS})
         w.backup_id = (await w.ok("POST", f"/v1/clusters/{w.cluster_id}/backups"))["id"]
         assert (await w.ok("GET", f"/v1/backups/{w.backup_id}"))["status"] == "AVAILABLE"
+        w.encryption_key_id = (await w.ok("POST", f"/v1/projects/{prj}/encryption-keys", {"provider": "managed"}))["id"]
 
         async def member(org_role: str, project_role: str | None = None) -> Tenant:
             roles = [{"project_id": prj, "role": project_role}] if project_role else []
@@ -508,6 +519,18 @@ async def _restore_backup(w: World, who: Who) -> Call:
     return Call(f"/v1/backups/{w.backup_id}/restore", body, who.token, _retire_created(w), quiet=True)
 
 
+async def _encryption_key(w: World, who: Who) -> Call:
+    return Call(f"/v1/encryption-keys/{w.encryption_key_id}", token=who.token)
+
+
+def _fresh_encryption_key(suffix: str) -> Prepare:
+    async def prepare(w: World, who: Who) -> Call:
+        key = await w.ok("POST", f"/v1/projects/{w.project_id}/encryption-keys", {"provider": "managed"})
+        return Call(f"/v1/encryption-keys/{key['id']}{suffix}", token=who.token)
+
+    return prepare
+
+
 def _data(suffix: str, body: Any = None) -> Prepare:
     async def prepare(w: World, who: Who) -> Call:
         return Call(f"{_dp(w)}{suffix}", body, who.token)
@@ -576,6 +599,16 @@ CALLS: dict[tuple[str, str], Prepare] = {
     ("PUT", "/v1/clusters/{cluster_id}/backup-policy"): _on_cluster(
         "/backup-policy", {"enabled": False, "every_hours": 24, "retention_days": 7}
     ),
+    ("POST", "/v1/projects/{project_id}/encryption-keys"): _simple(
+        "/v1/projects/{prj}/encryption-keys", {"provider": "managed"}
+    ),
+    ("GET", "/v1/projects/{project_id}/encryption-keys"): _simple("/v1/projects/{prj}/encryption-keys"),
+    ("GET", "/v1/projects/{project_id}/encryption-keys/aws-setup"): _simple(
+        "/v1/projects/{prj}/encryption-keys/aws-setup"
+    ),
+    ("GET", "/v1/encryption-keys/{key_id}"): _encryption_key,
+    ("POST", "/v1/encryption-keys/{key_id}/rotate"): _fresh_encryption_key("/rotate"),
+    ("DELETE", "/v1/encryption-keys/{key_id}"): _fresh_encryption_key(""),
     ("GET", "{dp}"): _data(""),
     ("POST", "{dp}"): _create_collection,
     ("GET", "{dp}/{name}"): _data(f"/{SHARED}"),

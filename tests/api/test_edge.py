@@ -341,7 +341,7 @@ async def test_engine_errors_come_back_unchanged(
     w = tenants
     a1, h = w["a1"], auth(w["keys"]["a_writer_a1"])
     row = await cluster_row(app, a1)
-    token = tasks.cluster_secrets(row)[0]
+    token = tasks.engine_token(row)
     cases = [
         ("POST", "/docs/upsert", {"records": [{"id": "bad", "vector": [1.0, 2.0]}]}, 422),  # wrong dimension
         ("POST", "/docs/search", {"vector": [1.0, 2.0, 3.0], "top_k": 3}, 422),

@@ -71,7 +71,7 @@ async def populated(app: FastAPI, s3: Any) -> AsyncIterator[dict[str, Any]]:
                 rec["text"] = f"{CANARY} document {i}"
             ok(await client.post(dp(cid, "/docs/upsert"), json={"records": recs[:160]}, headers=owner.headers))
             row = await cluster_row(app, cid)
-            token, _ = tasks.cluster_secrets(row)
+            token = tasks.engine_token(row)
             tasks.engine_call(row.engine_url, token, "POST", "/internal/flush", timeout=120)  # seal and index
             ok(await client.post(dp(cid, "/docs/upsert"), json={"records": recs[160:]}, headers=owner.headers))
             ok(await client.post(dp(cid, "/docs/delete"), json={"ids": ["r5", "r170"]}, headers=owner.headers))

@@ -57,7 +57,8 @@ async def test_cluster_lifecycle(client: httpx.AsyncClient, app: FastAPI) -> Non
     assert created["name"] == name and created["project_id"] == owner.project_id
     assert created["cu_size"] == 1 and created["replicas"] == 1
     assert created["endpoint"].endswith(f"/v1/clusters/{cid}")
-    assert created["encryption"]["provider"] == "local"
+    assert created["encryption"]["provider"] == "managed" and created["encryption"]["key_id"].startswith("ek_")
+    assert created["encryption"]["key_version"] == 1
 
     job = await _ok(await client.get(f"/v1/jobs/{job_id}", headers=h))
     assert job["kind"] == "cluster.provision" and job["resource_id"] == cid

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from services.control_plane.clusters.models import Job
-from services.control_plane.clusters.tasks import cluster_secrets, engine_call
+from services.control_plane.clusters.tasks import engine_call, engine_token
 from services.control_plane.imports import api as imports_api
 from services.control_plane.imports import tasks as import_tasks
 from services.control_plane.imports.settings import ImportSettings
@@ -132,7 +132,7 @@ async def check_searchable(client: httpx.AsyncClient, w: dict[str, Any], coll: s
 
 async def write_units(app: FastAPI, cid: str) -> int:
     c = await cluster_row(app, cid)
-    return int(engine_call(c.engine_url, cluster_secrets(c)[0], "GET", "/internal/stats")["write_units"])
+    return int(engine_call(c.engine_url, engine_token(c), "GET", "/internal/stats")["write_units"])
 
 
 # -- formats ----------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ async def _searches(client: httpx.AsyncClient, c: dict[str, Any], n: int) -> lis
 
 async def _engine_stats(app: FastAPI, cid: str) -> dict[str, Any]:
     row = await cluster_row(app, cid)
-    token, _ = tasks.cluster_secrets(row)
+    token = tasks.engine_token(row)
     return await asyncio.to_thread(tasks.engine_call, row.engine_url, token, "GET", "/internal/stats")
 
 
@@ -260,7 +260,7 @@ async def test_forwarded_engine_errors_name_the_public_path(
     # Straight to the engine: the header is believed only from a caller holding the engine token, and only as
     # a plain path.
     row = await cluster_row(app, cid)
-    token, _ = tasks.cluster_secrets(row)
+    token = tasks.engine_token(row)
     prefix = {"x-vecta-public-prefix": f"/v1/clusters/{cid}"}
     async with httpx.AsyncClient(base_url=row.engine_url, timeout=10) as engine:
         r = await engine.get("/v1/collections/missing", headers={**prefix, "authorization": f"Bearer {token}"})

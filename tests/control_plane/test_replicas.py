@@ -58,7 +58,7 @@ async def test_replicas_serve_reads_heal_and_scale(client: httpx.AsyncClient, ap
     cid = cluster["id"]
     assert cluster["replicas"] == 2 and cluster["status"] == "RUNNING"
     row = await cluster_row(app, cid)
-    token = tasks.cluster_secrets(row)[0]
+    token = tasks.engine_token(row)
     primary_url = row.engine_url
     (replica,) = row.engine_state["replicas"]
     assert replica["index"] == 1 and replica["url"] != primary_url and alive(replica["pid"])

@@ -28,7 +28,8 @@ class Backup(IdMixin, Base):
     # The snapshot is encrypted with the source cluster's data key; a copy of it, wrapped for this backup, lets a
     # restore into a new cluster read it after the source cluster is gone.
     key_provider: Mapped[str] = mapped_column(String(16))
-    key_version: Mapped[str] = mapped_column(String(64))
+    encryption_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    key_version: Mapped[str] = mapped_column(String(64))  # the version of encryption_key_id that wraps it
     data_key_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[dt.datetime | None]

@@ -18,6 +18,7 @@ class BackupOut(ResponseModel):
     size_bytes: int
     vector_count: int
     collections: list[str]
+    encryption_key_id: str | None
     key_version: str
     created_at: dt.datetime
     completed_at: dt.datetime | None
@@ -32,13 +33,19 @@ class RestoreIn(RequestModel):
     target: Literal["new", "in_place"]
     name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     project_id: str | None = Field(None, max_length=40)
+    encryption_key_id: str | None = Field(
+        None,
+        max_length=40,
+        description="target 'new': the key of the new cluster (default: the backup's own key when it is in the "
+        "target project and usable, else the project's managed key)",
+    )
 
     @model_validator(mode="after")
     def _new_needs_name(self) -> RestoreIn:
         if self.target == "new" and not self.name:
             raise ValueError("name is required when target is 'new'")
-        if self.target == "in_place" and (self.name or self.project_id):
-            raise ValueError("name and project_id apply only to target 'new'")
+        if self.target == "in_place" and (self.name or self.project_id or self.encryption_key_id):
+            raise ValueError("name, project_id and encryption_key_id apply only to target 'new'")
         return self
 
 

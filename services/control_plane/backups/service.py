@@ -18,6 +18,10 @@ from services.control_plane.clusters import service as clusters
 from services.control_plane.clusters import state
 from services.control_plane.clusters.models import Cluster, Job
 from services.control_plane.clusters.state import Status
+from services.control_plane.keys import ring
+from services.control_plane.keys import service as keys
+from services.control_plane.keys.clusterkeys import SealedKeys
+from services.control_plane.keys.models import EncryptionKey
 from services.core import audit
 from services.core.celery_app import enqueue
 from services.core.db import utcnow
@@ -41,11 +45,18 @@ def _audit(session: AsyncSession, subject: AuthSubject, action: str, org_id: str
     )  # fmt: skip
 
 
-def new_backup(cluster: Cluster, kind: str, retention_days: int | None = None) -> Backup:
-    """A CREATING backup row for a cluster, carrying a copy of its data key wrapped for the backup."""
-    provider = local_provider()
+def new_backup(cluster: Cluster, kind: str, keys: SealedKeys, retention_days: int | None = None) -> Backup:
+    """A CREATING backup row for a cluster, carrying a copy of its data key wrapped for the backup by the same
+    version of the cluster's encryption key (so revoking that key also makes the backup unrestorable). Calls the
+    key provider: run it off the event loop. Raises KeyUnavailable."""
+    if keys.next is not None:
+        raise Conflict(
+            "cannot back up while the cluster's data key is being replaced (re-key in progress); retry when "
+            "encryption.rekey_in_progress is false",
+            code="rekey_in_progress",
+        )
     backup_id = new_id("bkp")
-    data_key = provider.unwrap(cluster.data_key_wrapped, clusters.key_context(cluster))
+    data_key = ring.unwrap(keys.ref, keys.current, keys.context)
     now = utcnow()
     return Backup(
         id=backup_id,
@@ -56,12 +67,35 @@ def new_backup(cluster: Cluster, kind: str, retention_days: int | None = None) -
         status="CREATING",
         uri=f"{get_settings().objects_uri.rstrip('/')}/backups/{cluster.id}/{backup_id}",
         collections=[],
-        key_provider=provider.name,
-        key_version=provider.describe().version,
-        data_key_wrapped=provider.wrap(data_key, backup_context(cluster.org_id, backup_id)),
+        key_provider=keys.ref.provider,
+        encryption_key_id=keys.ref.key_id,
+        key_version=keys.ref.version_label,
+        data_key_wrapped=ring.wrap(keys.ref, data_key, backup_context(cluster.org_id, backup_id)),
         created_at=now,
         expires_at=now + dt.timedelta(days=retention_days) if retention_days else None,
     )
+
+
+async def _cluster_keys(session: AsyncSession, cluster: Cluster) -> SealedKeys:
+    ref = await ring.load_ref(session, cluster.encryption_key_id, cluster.key_version, cluster.org_id)
+    return SealedKeys(ref, clusters.key_context(cluster), cluster.data_key_wrapped, cluster.data_key_next_wrapped)
+
+
+async def _backup_data_key(session: AsyncSession, backup: Backup) -> bytes:
+    """The backup's data key, unwrapped by the key version that wrapped it: 409 if that key is unusable."""
+    if backup.encryption_key_id is not None:
+        key = await session.get(EncryptionKey, backup.encryption_key_id)
+        if key is None or key.status == "DELETED":
+            raise Conflict(f"backup {backup.id}: its encryption key was deleted", code=keys.KEY_UNAVAILABLE)
+        if key.status != "ENABLED":
+            raise Conflict(
+                f"backup {backup.id}: its encryption key {key.id} is unavailable ({key.status_reason or key.status})",
+                code=keys.KEY_UNAVAILABLE,
+            )
+    version = int(backup.key_version) if backup.encryption_key_id is not None else None
+    ref = await ring.load_ref(session, backup.encryption_key_id, version, backup.org_id)
+    ctx = backup_context(backup.org_id, backup.id)
+    return await keys.call(lambda: ring.unwrap(ref, backup.data_key_wrapped, ctx), f"cannot restore backup {backup.id}")
 
 
 def backup_job(session: AsyncSession, backup: Backup) -> Job:
@@ -81,7 +115,8 @@ async def create_backup(session: AsyncSession, subject: AuthSubject, cluster_id:
             f"cannot back up: the cluster is {cluster.status}", code="invalid_cluster_state",
             extra={"current_status": cluster.status},
         )  # fmt: skip
-    backup = new_backup(cluster, "manual")
+    sealed = await _cluster_keys(session, cluster)
+    backup = await keys.call(lambda: new_backup(cluster, "manual", sealed), "cannot back up")
     session.add(backup)
     await session.flush()
     job = backup_job(session, backup)
@@ -126,6 +161,13 @@ async def restore(session: AsyncSession, subject: AuthSubject, backup_id: str, b
     if body.target == "in_place":
         cluster = await clusters.get_cluster(session, subject, backup.cluster_id, "backup:restore")
         state.check(cluster.status, Status.RESTORING, "restore in place")
+        # The restored files are under the backup's data key: it becomes the cluster's data key, wrapped by the
+        # current version of the cluster's key (the old data is wiped by the restore in any case).
+        data_key = await _backup_data_key(session, backup)
+        target = await ring.load_ref(session, cluster.encryption_key_id, None, cluster.org_id)
+        ctx = clusters.key_context(cluster)
+        cluster.data_key_wrapped = await keys.call(lambda: ring.wrap(target, data_key, ctx), "cannot restore")
+        cluster.key_version, cluster.data_key_next_wrapped = target.version, None
         cluster.status, cluster.status_reason = Status.RESTORING.value, f"restoring backup {backup.id}"
         job = Job(
             id=new_id("job"), org_id=cluster.org_id, kind="backup.restore", resource_id=cluster.id,
@@ -151,8 +193,12 @@ async def restore(session: AsyncSession, subject: AuthSubject, backup_id: str, b
     if await cluster_repo.cluster_by_name(session, project.id, body.name):
         raise Conflict(f"a cluster named {body.name!r} already exists in this project", code="cluster_exists")
     source = await session.get(Cluster, backup.cluster_id)
-    provider = local_provider()
-    data_key = provider.unwrap(backup.data_key_wrapped, backup_context(backup.org_id, backup.id))
+    data_key = await _backup_data_key(session, backup)
+    key_id = body.encryption_key_id
+    if key_id is None and backup.encryption_key_id is not None and backup.project_id == project.id:
+        same = await session.get(EncryptionKey, backup.encryption_key_id)  # stay under the source's key if usable
+        key_id = same.id if same is not None and same.status == "ENABLED" and not same.is_default else None
+    target = await keys.key_for_new_cluster(session, project, key_id)
     cluster = Cluster(
         id=new_id("cl"),
         org_id=project.org_id,
@@ -165,14 +211,16 @@ async def restore(session: AsyncSession, subject: AuthSubject, backup_id: str, b
         status=Status.CREATING.value,
         status_reason=f"restoring backup {backup.id}",
         provisioner=get_settings().provisioner,
-        key_provider=provider.name,
+        key_provider=target.provider,
+        encryption_key_id=target.key_id,
+        key_version=target.version,
         engine_state={},
         engine_token_wrapped=b"",
         data_key_wrapped=b"",
     )
     ctx = clusters.key_context(cluster)
-    cluster.data_key_wrapped = provider.wrap(data_key, ctx)
-    cluster.engine_token_wrapped = clusters.new_engine_token(provider, ctx)
+    cluster.data_key_wrapped = await keys.call(lambda: ring.wrap(target, data_key, ctx), "cannot restore")
+    cluster.engine_token_wrapped = clusters.new_engine_token(local_provider(), ctx)
     session.add(cluster)
     await session.flush()
     job = Job(

@@ -29,10 +29,17 @@ class Cluster(IdMixin, TimestampMixin, Base):
     engine_url: Mapped[str | None] = mapped_column(String(200))
     engine_state: Mapped[dict[str, Any]] = mapped_column(default=dict)  # provisioner's bookkeeping (pid, port)
     # Envelope encryption: the engine token and data key, wrapped by the key provider; plaintext only in memory.
+    # The engine token is always wrapped by the deployment's master key (``local``); the data key by version
+    # ``key_version`` of ``encryption_key_id`` (``key_provider`` names its kind: managed | aws-kms), or by the
+    # master key for clusters made before encryption keys existed (``local``, no key id).
     key_provider: Mapped[str] = mapped_column(String(16))
-    encryption_key_id: Mapped[str | None] = mapped_column(String(40))
+    encryption_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    key_version: Mapped[int | None]
     engine_token_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
     data_key_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    # A re-key in progress: the new data key (wrapped like the current one) the engine is re-encrypting its files
+    # under; it replaces ``data_key_wrapped`` when the engine reports every file done.
+    data_key_next_wrapped: Mapped[bytes | None] = mapped_column(LargeBinary)
     # Last heartbeat from the engine.
     last_heartbeat_at: Mapped[dt.datetime | None]
     vector_count: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -25,6 +25,8 @@ class ClusterPatch(RequestModel):
 class EncryptionOut(ResponseModel):
     key_id: str | None
     provider: str
+    key_version: int | None = Field(None, description="The version of the key that wraps the data key")
+    rekey_in_progress: bool = Field(False, description="The data key is being replaced; files are re-encrypted")
 
 
 class ClusterOut(ResponseModel):

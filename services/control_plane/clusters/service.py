@@ -12,10 +12,11 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import orjson
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.auth.keyprovider import LocalKeyProvider, local_provider
+from services.auth.keyprovider import KeyUnavailable, LocalKeyProvider, local_provider
 from services.auth.subject import AuthSubject
 from services.control_plane import service as org_service
 from services.control_plane.clusters import repository as repo
@@ -23,6 +24,8 @@ from services.control_plane.clusters import state
 from services.control_plane.clusters.models import Cluster, ClusterMetric, IdempotencyRecord, Job
 from services.control_plane.clusters.schemas import ClusterIn, ClusterOut, ClusterPatch, EncryptionOut
 from services.control_plane.clusters.state import Status
+from services.control_plane.keys import ring
+from services.control_plane.keys import service as keys
 from services.control_plane.models import Project
 from services.core import audit
 from services.core.celery_app import enqueue
@@ -58,7 +61,12 @@ def cluster_out(cluster: Cluster) -> ClusterOut:
         updated_at=cluster.updated_at,
         storage_bytes=cluster.storage_bytes,
         vector_count=cluster.vector_count,
-        encryption=EncryptionOut(key_id=cluster.encryption_key_id, provider=cluster.key_provider),
+        encryption=EncryptionOut(
+            key_id=cluster.encryption_key_id,
+            provider=cluster.key_provider,
+            key_version=cluster.key_version,
+            rekey_in_progress=cluster.data_key_next_wrapped is not None,
+        ),
     )
 
 
@@ -129,13 +137,9 @@ async def create_cluster(
 ) -> tuple[Cluster, Job]:
     project = await org_service.get_project(session, subject, project_id, "cluster:create")
     _validate_shape(body.cu_size, body.replicas)
-    if body.encryption_key_id is not None:
-        raise Unprocessable(
-            f"encryption_key_id: key {body.encryption_key_id} not found in this project",
-            code="encryption_key_not_found",
-        )
     if await repo.cluster_by_name(session, project.id, body.name):
         raise Conflict(f"a cluster named {body.name!r} already exists in this project", code="cluster_exists")
+    ref = await keys.key_for_new_cluster(session, project, body.encryption_key_id)
     settings = get_settings()
     cluster = Cluster(
         id=new_id("cl"),
@@ -148,15 +152,16 @@ async def create_cluster(
         replicas=body.replicas,
         status=Status.CREATING.value,
         provisioner=settings.provisioner,
-        key_provider="local",
+        key_provider=ref.provider,
+        encryption_key_id=ref.key_id,
+        key_version=ref.version,
         engine_state={},
         engine_token_wrapped=b"",
         data_key_wrapped=b"",
     )
-    provider = local_provider()
     ctx = key_context(cluster)
-    _, cluster.data_key_wrapped = provider.generate_data_key(ctx)
-    cluster.engine_token_wrapped = new_engine_token(provider, ctx)
+    cluster.data_key_wrapped = (await keys.call(lambda: ring.generate(ref, ctx), "cannot create the cluster"))[1]
+    cluster.engine_token_wrapped = new_engine_token(local_provider(), ctx)
     session.add(cluster)
     await session.flush()
     job = _job(session, cluster, "cluster.provision")
@@ -216,7 +221,19 @@ async def suspend_cluster(session: AsyncSession, subject: AuthSubject, cluster_i
 
 async def resume_cluster(session: AsyncSession, subject: AuthSubject, cluster_id: str) -> tuple[Cluster, Job]:
     cluster = await get_cluster(session, subject, cluster_id, "cluster:update")
+    state.check(cluster.status, Status.RESUMING, "resume")
+    await require_key_usable(session, cluster, "cannot resume")
     return cluster, await _transition(session, subject, cluster, "resume", "cluster.resume")
+
+
+async def require_key_usable(session: AsyncSession, cluster: Cluster, doing: str) -> None:
+    """409 (503 if the provider cannot be asked) unless the cluster's encryption key is usable right now."""
+    if cluster.encryption_key_id is None:
+        return
+    ref = await ring.load_ref(session, cluster.encryption_key_id, cluster.key_version, cluster.org_id)
+    st = await anyio.to_thread.run_sync(ring.describe, ref)
+    if not st.usable:
+        raise keys.key_error(KeyUnavailable(st.reason or st.state, transient=st.transient), doing)
 
 
 async def delete_cluster(session: AsyncSession, subject: AuthSubject, cluster_id: str) -> tuple[Cluster, Job]:

@@ -28,7 +28,9 @@ class Status(StrEnum):
 S = Status
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     S.CREATING: frozenset({S.RUNNING, S.FAILED, S.DELETING}),
-    S.RUNNING: frozenset({S.MODIFYING, S.SUSPENDING, S.RESTORING, S.DELETING, S.FAILED}),
+    # RUNNING → SUSPENDED directly: only the key check, when the cluster's encryption key becomes unusable (no
+    # snapshot can be taken without the key; the engine is stopped and its data left encrypted where it is).
+    S.RUNNING: frozenset({S.MODIFYING, S.SUSPENDING, S.SUSPENDED, S.RESTORING, S.DELETING, S.FAILED}),
     S.MODIFYING: frozenset({S.RUNNING, S.FAILED}),
     S.SUSPENDING: frozenset({S.SUSPENDED, S.FAILED}),
     S.SUSPENDED: frozenset({S.RESUMING, S.DELETING}),
@@ -38,6 +40,9 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     S.DELETED: frozenset(),
     S.FAILED: frozenset({S.DELETING, S.RESUMING}),
 }
+
+# The status_reason of a cluster suspended because its encryption key became unusable (keys.tasks).
+KEY_UNAVAILABLE_REASON = "encryption_key_unavailable"
 
 TRANSITIONAL = frozenset({S.CREATING, S.MODIFYING, S.SUSPENDING, S.RESUMING, S.RESTORING, S.DELETING})
 

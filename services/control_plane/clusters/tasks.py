@@ -14,17 +14,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
 from celery.signals import worker_ready
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from services.auth.keyprovider import KeyUnavailable, local_provider
 from services.control_plane.clusters.metrics import METRICS_CURSOR, REPLICA_CURSORS, record_sample
 from services.control_plane.clusters.models import Cluster, Job
 from services.control_plane.clusters.state import TRANSITIONAL, Status, can
+from services.control_plane.keys.clusterkeys import sealed_keys
 from services.control_plane.provisioners.base import EngineSpec, ProvisionError
 from services.control_plane.provisioners.local import LocalProvisioner, get_provisioner
 from services.core.celery_app import celery_app
@@ -54,11 +56,21 @@ class Work:
     params: dict[str, Any]
 
 
-def cluster_secrets(c: Cluster) -> tuple[str, bytes]:
-    provider = local_provider()
-    ctx = {"org_id": c.org_id, "cluster_id": c.id}
-    token = provider.unwrap(c.engine_token_wrapped, {**ctx, "use": "engine_token"}).decode()
-    return token, provider.unwrap(c.data_key_wrapped, ctx)
+def engine_token(c: Cluster) -> str:
+    """The bearer token the control plane and the edge present to the cluster's engine (always wrapped by the
+    deployment's master key: it is Vecta's secret, not the customer's data)."""
+    ctx = {"org_id": c.org_id, "cluster_id": c.id, "use": "engine_token"}
+    return local_provider().unwrap(c.engine_token_wrapped, ctx).decode()
+
+
+def engine_spec(s: Session, c: Cluster, state: dict[str, Any] | None = None) -> EngineSpec:
+    """What a provisioner needs to start the cluster's engine: its shape, token and data keys (unwrapped here,
+    through the cluster's encryption key; raises KeyUnavailable)."""
+    data_key, previous = sealed_keys(s, c).open()
+    return EngineSpec(
+        c.id, c.cu_size, c.replicas, engine_token(c), data_key,
+        dict(c.engine_state or {}) if state is None else state, previous,
+    )  # fmt: skip
 
 
 _engine_client: httpx.Client | None = None
@@ -101,7 +113,7 @@ def drive(kind: str, cluster_id: str, job_id: str, work: Callable[[Work], dict[s
             return job.status
         job.status, job.started_at, job.attempts = "running", job.started_at or utcnow(), job.attempts + 1
         try:
-            token, data_key = cluster_secrets(c)
+            spec = engine_spec(s, c)
         except KeyUnavailable as exc:
             _fail(c, job, f"encryption key unavailable: {exc}")
             return "failed"
@@ -110,7 +122,7 @@ def drive(kind: str, cluster_id: str, job_id: str, work: Callable[[Work], dict[s
             org_id=c.org_id,
             provisioner=c.provisioner,
             engine_url=c.engine_url,
-            spec=EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, dict(c.engine_state or {})),
+            spec=spec,
             params=dict(job.params or {}),
         )
     reason = None
@@ -182,7 +194,7 @@ def _restore_in_place(w: Work) -> dict[str, Any]:
     """Replace a cluster's data with a backup: stop, wipe, start empty, load the snapshot."""
     prov = get_provisioner(w.provisioner)
     prov.destroy(w.cluster_id, w.spec.state)
-    spec = EngineSpec(w.cluster_id, w.spec.cu_size, w.spec.replicas, w.spec.token, w.spec.data_key, {})
+    spec = replace(w.spec, state={})
     handle = prov.start(spec, get_settings().engine_start_timeout_seconds)
     _restore_into(handle.url, w.spec.token, w.params["uri"])
     return _started(handle.url, handle.state)
@@ -194,7 +206,7 @@ def _modify(w: Work) -> dict[str, Any]:
     replicas = int(w.params.get("replicas", w.spec.replicas))
     if cu != w.spec.cu_size:  # new limits need new processes; a change of replicas alone keeps the primary up
         prov.stop(w.cluster_id, w.spec.state)
-    spec = EngineSpec(w.cluster_id, cu, replicas, w.spec.token, w.spec.data_key, w.spec.state)
+    spec = replace(w.spec, cu_size=cu, replicas=replicas)
     handle = prov.start(spec, get_settings().engine_start_timeout_seconds)  # adds or removes read replicas
     return {**_started(handle.url, handle.state), "cu_size": cu, "replicas": replicas}
 
@@ -328,12 +340,19 @@ def heal_replicas(cluster_id: str) -> int:
         c = s.get(Cluster, cluster_id)
         if c is None or c.status != Status.RUNNING.value or c.replicas <= 1:
             return 0
-        token, data_key = cluster_secrets(c)
-        spec = EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, dict(c.engine_state or {}))
-        provisioner = c.provisioner
+        state, replicas, provisioner = dict(c.engine_state or {}), c.replicas, c.provisioner
     prov = get_provisioner(provisioner)
-    if prov.replicas_running(cluster_id, spec.state, spec.replicas) or not prov.is_running(cluster_id, spec.state):
+    if prov.replicas_running(cluster_id, state, replicas) or not prov.is_running(cluster_id, state):
         return 0  # all there, or the primary itself is down (the heartbeat restarts it, and its replicas)
+    with db.sync_transaction() as s:  # the data key is unwrapped only when a replica must really be started
+        c = s.get(Cluster, cluster_id)
+        if c is None or c.status != Status.RUNNING.value:
+            return 0
+        try:
+            spec = engine_spec(s, c)
+        except KeyUnavailable as exc:
+            log.error("cannot restart the read replicas of %s: %s", cluster_id, exc)
+            return 0
     try:
         handle = prov.start(spec, get_settings().engine_start_timeout_seconds)
     except ProvisionError as exc:
@@ -357,9 +376,8 @@ def heartbeat(cluster_id: str) -> str:
         c = s.get(Cluster, cluster_id)
         if c is None or c.status != Status.RUNNING.value:
             return "skipped"
-        token, data_key = cluster_secrets(c)
+        token = engine_token(c)
         state = {k: v for k, v in (c.engine_state or {}).items() if k not in (METRICS_CURSOR, REPLICA_CURSORS)}
-        spec = EngineSpec(c.id, c.cu_size, c.replicas, token, data_key, state)
         url, provisioner = c.engine_url, c.provisioner
     stats = None
     if url:
@@ -370,8 +388,18 @@ def heartbeat(cluster_id: str) -> str:
     restarted = None
     if stats is None:
         prov = get_provisioner(provisioner)
-        if prov.is_running(cluster_id, spec.state):
+        if prov.is_running(cluster_id, state):
             return "unresponsive"  # alive but slow: leave it; the next pass looks again
+        # Only a restart needs the data key (a KMS call for a customer's key): not every heartbeat.
+        with db.sync_transaction() as s:
+            c = s.get(Cluster, cluster_id)
+            if c is None or c.status != Status.RUNNING.value:
+                return "skipped"
+            try:
+                spec = engine_spec(s, c, state)
+            except KeyUnavailable as exc:
+                log.error("cannot restart the engine of %s: %s", cluster_id, exc)
+                return "key_unavailable"  # the key check suspends the cluster if the key stays unusable
         try:
             restarted = prov.start(spec, get_settings().engine_start_timeout_seconds)
             stats = engine_call(restarted.url, token, "GET", "/internal/stats", timeout=5.0)

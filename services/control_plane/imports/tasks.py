@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from services.control_plane.clusters.models import Cluster, Job
 from services.control_plane.clusters.state import Status
-from services.control_plane.clusters.tasks import cluster_secrets
+from services.control_plane.clusters.tasks import engine_token
 from services.control_plane.imports import readers
 from services.control_plane.imports.readers import Chunk, Schema
 from services.control_plane.imports.settings import ImportSettings, import_settings
@@ -118,7 +118,7 @@ class Importer:
                 self._finish(job, error=f"the cluster is {cluster.status}, not RUNNING; start the import again later")
                 return "failed"
             self.url = cluster.engine_url
-            self.token = cluster_secrets(cluster)[0]
+            self.token = engine_token(cluster)
         self.last_renewal = time.monotonic()
         return None
 
