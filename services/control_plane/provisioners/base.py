@@ -19,6 +19,8 @@ class EngineSpec:
     token: str  # plaintext, in memory only
     data_key: bytes  # plaintext, in memory only
     state: dict[str, Any] = field(default_factory=dict)  # what the provisioner recorded last time
+    # During a re-key: the data keys files may still be encrypted under (plaintext, in memory only).
+    previous_keys: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ def render(
         data={
             "token": base64.b64encode(spec.token.encode()).decode(),
             "data-key": base64.b64encode(base64.b64encode(spec.data_key)).decode(),
+            # During a re-key: the keys files may still be under (comma-separated base64; empty otherwise).
+            "previous-data-keys": base64.b64encode(
+                ",".join(base64.b64encode(k).decode() for k in spec.previous_keys).encode()
+            ).decode(),
         },
     )
     # The cluster's address is the primary (pod 0) only: writes must never reach a read replica.
@@ -117,6 +121,7 @@ def render(
         env=[
             from_secret("VECTA_ENGINE_TOKEN", "token"),
             from_secret("VECTA_ENGINE_DATA_KEY", "data-key"),
+            from_secret("VECTA_ENGINE_PREVIOUS_DATA_KEYS", "previous-data-keys"),
             client.V1EnvVar(name="OMP_NUM_THREADS", value=cpu),
         ],
         resources=resources,

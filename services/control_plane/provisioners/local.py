@@ -1,6 +1,7 @@
 """The ``local`` provisioner: each cluster's engine is a ``vecta engine serve`` child process on 127.0.0.1.
 
-* The token and data key reach the child in its environment (never argv, never a file or a log line).
+* The token and data keys reach the child as one JSON line on its stdin (never argv, the environment, a file or
+  a log line).
 * The process runs in its own session so it outlives the API and worker processes that started it; its pid and
   port are recorded on the cluster row, and ``start`` re-adopts a live process (checked by pid, by its command line
   naming the cluster, and by an authenticated health check) instead of starting a second one.
@@ -54,6 +55,25 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _secrets(spec: EngineSpec) -> dict[str, Any]:
+    return {
+        "token": spec.token,
+        "data_key": base64.b64encode(spec.data_key).decode(),
+        "previous_data_keys": [base64.b64encode(k).decode() for k in spec.previous_keys],
+    }
+
+
+def _send_secrets(proc: subprocess.Popen[bytes], spec: EngineSpec) -> None:
+    """The engine's token and data keys, as one JSON line on its stdin (``serve --secrets-stdin``): never argv,
+    the environment (readable in /proc/<pid>/environ for the process's life), a file or a log line."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(_secrets(spec)).encode() + b"\n")
+        proc.stdin.close()
+    except OSError:  # it died at once: the health wait reports it
+        pass
 
 
 def _pid_is_engine(pid: int, cluster_id: str, spare_id: str | None = None) -> bool:
@@ -284,13 +304,12 @@ class LocalProvisioner:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_ENGINE_")}
-        env["VECTA_ENGINE_TOKEN"] = spec.token
-        env["VECTA_ENGINE_DATA_KEY"] = base64.b64encode(spec.data_key).decode()
         env["OMP_NUM_THREADS"] = str(spec.cu_size)
         args = [
             sys.executable, "-m", "services.engine", "serve",
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
             "--search-threads", str(max(2, spec.cu_size)), "--build-threads", str(spec.cu_size),
+            "--secrets-stdin",
         ]  # fmt: skip
         memory = (get_settings().local_memory_per_cu_gib * spec.cu_size + 4) * _GIB
 
@@ -302,11 +321,12 @@ class LocalProvisioner:
             log = (self.log_dir / f"engine-{spec.cluster_id}.log").open("ab")
             try:
                 proc = subprocess.Popen(
-                    args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
                     start_new_session=True, preexec_fn=limits,
                 )  # fmt: skip
             finally:
                 log.close()
+            _send_secrets(proc, spec)
             state.pop("spare_id", None)
             state.update(pid=proc.pid, port=port, data_dir=str(data_dir))
             # Recorded at once: if the caller dies while the engine boots (a Celery worker killed mid-provision),
@@ -340,7 +360,7 @@ class LocalProvisioner:
             "data_dir": str(data_dir), "host": "127.0.0.1", "port": port,
             "search_threads": max(2, spec.cu_size), "build_threads": spec.cu_size, "omp_threads": spec.cu_size,
             "memory_bytes": memory, "log_path": str(self.log_dir / f"engine-{spec.cluster_id}.log"), "title": args,
-            "token": spec.token, "data_key": base64.b64encode(spec.data_key).decode(),
+            **_secrets(spec),
         }  # fmt: skip
         try:
             spare.proc.stdin.write(json.dumps(job).encode() + b"\n")
@@ -441,14 +461,12 @@ class LocalProvisioner:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("VECTA_ENGINE_")}
-        env["VECTA_ENGINE_TOKEN"] = spec.token  # secrets in the environment only, as for the primary
-        env["VECTA_ENGINE_DATA_KEY"] = base64.b64encode(spec.data_key).decode()
         env["OMP_NUM_THREADS"] = str(spec.cu_size)
         args = [
             sys.executable, "-m", "services.engine", "serve",
             "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port),
             "--search-threads", str(max(2, spec.cu_size)), "--build-threads", str(spec.cu_size),
-            "--replica-of", primary_url,
+            "--replica-of", primary_url, "--secrets-stdin",
         ]  # fmt: skip
         memory = (get_settings().local_memory_per_cu_gib * spec.cu_size + 4) * _GIB
 
@@ -457,9 +475,10 @@ class LocalProvisioner:
 
         with (self.log_dir / f"engine-{spec.cluster_id}-r{index}.log").open("ab") as log:
             proc = subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
                 start_new_session=True, preexec_fn=limits,
             )  # fmt: skip
+        _send_secrets(proc, spec)
         url = f"http://127.0.0.1:{port}"
         if not self._wait_healthy(url, spec.token, proc.pid, timeout, proc) or proc.poll() is not None:
             self._kill(proc.pid)
