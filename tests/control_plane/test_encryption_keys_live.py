@@ -18,7 +18,7 @@ import pytest
 
 from services.core.settings import get_settings
 from tests.awskit import moto_server
-from tests.clusterkit import records, stop_engines
+from tests.clusterkit import engine_pids, records, stop_engines
 from tests.conftest import auth
 from tests.control_plane.test_cluster_recovery import REDIS, _end, _spawn
 from tests.core.test_background_tasks import free_port, redis_available, wait_http
@@ -113,7 +113,8 @@ def test_the_beat_suspends_and_resumes_a_cluster_when_its_key_is_disabled_and_en
                     timeout=10,
                 )
                 assert r.json()["code"] == "encryption_key_unavailable", r.text
-                assert stop_engines(settings.data_dir / "clusters" / cid) == []  # the engine was stopped
+                # its engine is stopped (right after the status change is committed), dropping the key
+                _until(lambda: engine_pids(settings.data_dir / "clusters" / cid) == [], "the engine to stop", 30)
 
                 kms.enable_key(KeyId=meta["KeyId"])
                 _until(lambda: c.get(f"/v1/clusters/{cid}", headers=h).json()["status"] == "RUNNING",
