@@ -256,7 +256,7 @@ async def rotate(
         ext = await external_id(session, key.org_id) if version.role_arn else None
     new_ref = KeyRef(key.id, key.org_id, key.provider, version.version, version.key_arn, version.role_arn, ext,
                      version.material_wrapped)  # fmt: skip
-    if key.provider == "aws-kms" and body.key_arn:
+    if key.provider == "aws-kms":  # the new version is checked even without clusters to re-wrap
         try:
             await anyio.to_thread.run_sync(verify, new_ref)
         except KeyUnavailable as exc:
