@@ -68,6 +68,17 @@ def stop_engines(under: Path | str, grace: float = 5.0) -> list[int]:
     return pids
 
 
+def dp(cluster_id: str, rest: str = "") -> str:
+    """A path on the cluster's data plane."""
+    return f"/v1/clusters/{cluster_id}/collections{rest}"
+
+
+def ok(r: httpx.Response, status: int = 200) -> Any:
+    """The body of a response that must have ``status`` (the assertion names the request and the answer)."""
+    assert r.status_code == status, f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text}"
+    return r.json() if r.content else None
+
+
 def unique_name(tag: str = "cl") -> str:
     return f"{tag}-{uuid.uuid4().hex[:8]}"
 

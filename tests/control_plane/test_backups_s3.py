@@ -19,21 +19,12 @@ from fastapi import FastAPI
 from services.control_plane.clusters import tasks
 from services.core.settings import get_settings
 from tests.awskit import moto_server
-from tests.clusterkit import cluster_row, create_cluster, records, unique_name
+from tests.clusterkit import cluster_row, create_cluster, dp, ok, records, unique_name
 from tests.conftest import Tenant, signup
 
 BUCKET = "vecta-objects"
 CANARY = "canary-" + uuid.uuid4().hex  # a metadata value and text that must never reach the bucket in the clear
 DIM = 16
-
-
-def dp(cluster_id: str, rest: str = "") -> str:
-    return f"/v1/clusters/{cluster_id}/collections{rest}"
-
-
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text}"
-    return r.json() if r.content else None
 
 
 @pytest.fixture(scope="module")

@@ -32,20 +32,21 @@ from services.control_plane.provisioners.local import LocalProvisioner
 from services.core.audit import AuditLog
 from services.core.db import get_database
 from tests.awskit import moto_server
-from tests.clusterkit import alive, cluster_row, create_cluster, engine_pids, insert_cluster, records, unique_name
+from tests.clusterkit import (
+    alive,
+    cluster_row,
+    create_cluster,
+    dp,
+    engine_pids,
+    insert_cluster,
+    ok,
+    records,
+    unique_name,
+)
 from tests.conftest import add_member, signup
 
 DIM = 8
 ROLE = "arn:aws:iam::123456789012:role/vecta-cmek"
-
-
-def dp(cluster_id: str, rest: str = "") -> str:
-    return f"/v1/clusters/{cluster_id}/collections{rest}"
-
-
-def ok(r: httpx.Response, status: int = 200) -> Any:
-    assert r.status_code == status, f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text}"
-    return r.json() if r.content else None
 
 
 @pytest.fixture(scope="module")
