@@ -60,12 +60,16 @@ def _aad(context: dict[str, str]) -> bytes:
     return json.dumps(context, sort_keys=True, separators=(",", ":")).encode()
 
 
-class LocalKeyProvider:
-    name = "local"
+class AesGcmKeyProvider:
+    """Wraps data keys with AES-256-GCM under a key-encryption key held in memory, the encryption context bound
+    as associated data. Format: the provider's ``prefix`` byte, nonce (12), ciphertext and tag."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._aead = AESGCM(_load_or_create(path))
+    name = "aes-gcm"
+    prefix = b"\x00"
+
+    def __init__(self, kek: bytes, version: str) -> None:
+        self._aead = AESGCM(kek)
+        self._version = version
 
     def generate_data_key(self, context: dict[str, str]) -> tuple[bytes, bytes]:
         key = secrets.token_bytes(32)
@@ -73,18 +77,29 @@ class LocalKeyProvider:
 
     def wrap(self, plaintext: bytes, context: dict[str, str]) -> bytes:
         nonce = secrets.token_bytes(12)
-        return _VERSION + nonce + self._aead.encrypt(nonce, plaintext, _aad(context))
+        return self.prefix + nonce + self._aead.encrypt(nonce, plaintext, _aad(context))
 
     def unwrap(self, wrapped: bytes, context: dict[str, str]) -> bytes:
-        if not wrapped.startswith(_VERSION) or len(wrapped) < 1 + 12 + 16:
-            raise KeyUnavailable("wrapped key has an unknown format")
+        if not wrapped.startswith(self.prefix) or len(wrapped) < 1 + 12 + 16:
+            raise KeyUnavailable(f"wrapped key was not made by the {self.name} key provider")
         try:
             return self._aead.decrypt(wrapped[1:13], wrapped[13:], _aad(context))
         except InvalidTag:
-            raise KeyUnavailable("wrapped key does not belong to this master key or context") from None
+            raise KeyUnavailable(f"wrapped key does not belong to this {self.name} key or context") from None
 
     def describe(self) -> KeyState:
-        return KeyState(usable=True, state="enabled", version="1")
+        return KeyState(usable=True, state="enabled", version=self._version)
+
+
+class LocalKeyProvider(AesGcmKeyProvider):
+    """The deployment's master key, from its file."""
+
+    name = "local"
+    prefix = _VERSION
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        super().__init__(_load_or_create(path), "1")
 
 
 def _load_or_create(path: Path) -> bytes:

@@ -232,8 +232,7 @@ class DataCipher:
                     size += 4 + len(ct)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            commit_file(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

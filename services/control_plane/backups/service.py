@@ -20,7 +20,7 @@ from services.control_plane.clusters.models import Cluster, Job
 from services.control_plane.clusters.state import Status
 from services.control_plane.keys import ring
 from services.control_plane.keys import service as keys
-from services.control_plane.keys.clusterkeys import SealedKeys
+from services.control_plane.keys.clusterkeys import SealedKeys, key_context, sealed_from
 from services.control_plane.keys.models import EncryptionKey
 from services.core import audit
 from services.core.celery_app import enqueue
@@ -77,8 +77,8 @@ def new_backup(cluster: Cluster, kind: str, keys: SealedKeys, retention_days: in
 
 
 async def _cluster_keys(session: AsyncSession, cluster: Cluster) -> SealedKeys:
-    ref = await ring.load_ref(session, cluster.encryption_key_id, cluster.key_version, cluster.org_id)
-    return SealedKeys(ref, clusters.key_context(cluster), cluster.data_key_wrapped, cluster.data_key_next_wrapped)
+    return sealed_from(cluster, await ring.load_ref(session, cluster.encryption_key_id, cluster.key_version,
+                                                    cluster.org_id))  # fmt: skip
 
 
 async def _backup_data_key(session: AsyncSession, backup: Backup) -> bytes:
@@ -165,7 +165,7 @@ async def restore(session: AsyncSession, subject: AuthSubject, backup_id: str, b
         # current version of the cluster's key (the old data is wiped by the restore in any case).
         data_key = await _backup_data_key(session, backup)
         target = await ring.load_ref(session, cluster.encryption_key_id, None, cluster.org_id)
-        ctx = clusters.key_context(cluster)
+        ctx = key_context(cluster)
         cluster.data_key_wrapped = await keys.call(lambda: ring.wrap(target, data_key, ctx), "cannot restore")
         cluster.key_version, cluster.data_key_next_wrapped = target.version, None
         cluster.status, cluster.status_reason = Status.RESTORING.value, f"restoring backup {backup.id}"
@@ -218,7 +218,7 @@ async def restore(session: AsyncSession, subject: AuthSubject, backup_id: str, b
         engine_token_wrapped=b"",
         data_key_wrapped=b"",
     )
-    ctx = clusters.key_context(cluster)
+    ctx = key_context(cluster)
     cluster.data_key_wrapped = await keys.call(lambda: ring.wrap(target, data_key, ctx), "cannot restore")
     cluster.engine_token_wrapped = clusters.new_engine_token(local_provider(), ctx)
     session.add(cluster)

@@ -26,6 +26,7 @@ from services.control_plane.clusters.schemas import ClusterIn, ClusterOut, Clust
 from services.control_plane.clusters.state import Status
 from services.control_plane.keys import ring
 from services.control_plane.keys import service as keys
+from services.control_plane.keys.clusterkeys import key_context
 from services.control_plane.models import Project
 from services.core import audit
 from services.core.celery_app import enqueue
@@ -33,10 +34,6 @@ from services.core.db import utcnow
 from services.core.errors import Conflict, NotFound, Unprocessable
 from services.core.ids import new_id
 from services.core.settings import get_settings
-
-
-def key_context(cluster: Cluster) -> dict[str, str]:
-    return {"org_id": cluster.org_id, "cluster_id": cluster.id}
 
 
 def new_engine_token(provider: LocalKeyProvider, ctx: dict[str, str]) -> bytes:

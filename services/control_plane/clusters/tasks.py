@@ -26,7 +26,7 @@ from services.auth.keyprovider import KeyUnavailable, local_provider
 from services.control_plane.clusters.metrics import METRICS_CURSOR, REPLICA_CURSORS, record_sample
 from services.control_plane.clusters.models import Cluster, Job
 from services.control_plane.clusters.state import TRANSITIONAL, Status, can
-from services.control_plane.keys.clusterkeys import sealed_keys
+from services.control_plane.keys.clusterkeys import key_context, sealed_keys
 from services.control_plane.provisioners.base import EngineSpec, ProvisionError
 from services.control_plane.provisioners.local import LocalProvisioner, get_provisioner
 from services.core.celery_app import celery_app
@@ -59,8 +59,7 @@ class Work:
 def engine_token(c: Cluster) -> str:
     """The bearer token the control plane and the edge present to the cluster's engine (always wrapped by the
     deployment's master key: it is Vecta's secret, not the customer's data)."""
-    ctx = {"org_id": c.org_id, "cluster_id": c.id, "use": "engine_token"}
-    return local_provider().unwrap(c.engine_token_wrapped, ctx).decode()
+    return local_provider().unwrap(c.engine_token_wrapped, {**key_context(c), "use": "engine_token"}).decode()
 
 
 def engine_spec(s: Session, c: Cluster, state: dict[str, Any] | None = None) -> EngineSpec:

@@ -15,8 +15,9 @@ from services.control_plane.keys import ring
 from services.control_plane.keys.ring import KeyRef
 
 
-def key_context(org_id: str, cluster_id: str) -> dict[str, str]:
-    return {"org_id": org_id, "cluster_id": cluster_id}
+def key_context(c: Cluster) -> dict[str, str]:
+    """The encryption context a cluster's data key (and, with ``use``, its engine token) is bound to."""
+    return {"org_id": c.org_id, "cluster_id": c.id}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class SealedKeys:
         return current, ()
 
 
+def sealed_from(c: Cluster, ref: KeyRef) -> SealedKeys:
+    return SealedKeys(ref, key_context(c), c.data_key_wrapped, c.data_key_next_wrapped)
+
+
 def sealed_keys(s: Session, c: Cluster) -> SealedKeys:
-    ref = ring.load_ref_sync(s, c.encryption_key_id, c.key_version, c.org_id)
-    return SealedKeys(ref, key_context(c.org_id, c.id), c.data_key_wrapped, c.data_key_next_wrapped)
+    return sealed_from(c, ring.load_ref_sync(s, c.encryption_key_id, c.key_version, c.org_id))

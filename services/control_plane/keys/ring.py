@@ -22,16 +22,19 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.auth.keyprovider import AwsKmsKeyProvider, KeyProvider, KeyState, KeyUnavailable, _aad, local_provider
+from services.auth.keyprovider import (
+    AesGcmKeyProvider,
+    AwsKmsKeyProvider,
+    KeyProvider,
+    KeyState,
+    KeyUnavailable,
+    local_provider,
+)
 from services.control_plane.keys.models import EncryptionKey, EncryptionKeyVersion
 from services.control_plane.models import Organization
-
-_MANAGED_VERSION = b"\x03"  # wrapped under a managed key version: the byte, nonce(12), ciphertext+tag
 
 
 @dataclass(frozen=True)
@@ -59,33 +62,14 @@ def local_ref(org_id: str) -> KeyRef:
     return KeyRef(key_id=None, org_id=org_id, provider=LOCAL)
 
 
-class ManagedKeyProvider:
+class ManagedKeyProvider(AesGcmKeyProvider):
     """A Vecta-managed key version: AES-256-GCM under that version's key-encryption key."""
 
     name = "managed"
+    prefix = b"\x03"
 
     def __init__(self, kek: bytes, version: int) -> None:
-        self._aead = AESGCM(kek)
-        self._version = version
-
-    def generate_data_key(self, context: dict[str, str]) -> tuple[bytes, bytes]:
-        key = secrets.token_bytes(32)
-        return key, self.wrap(key, context)
-
-    def wrap(self, plaintext: bytes, context: dict[str, str]) -> bytes:
-        nonce = secrets.token_bytes(12)
-        return _MANAGED_VERSION + nonce + self._aead.encrypt(nonce, plaintext, _aad(context))
-
-    def unwrap(self, wrapped: bytes, context: dict[str, str]) -> bytes:
-        if not wrapped.startswith(_MANAGED_VERSION) or len(wrapped) < 1 + 12 + 16:
-            raise KeyUnavailable("wrapped key was not made by a Vecta-managed key")
-        try:
-            return self._aead.decrypt(wrapped[1:13], wrapped[13:], _aad(context))
-        except InvalidTag:
-            raise KeyUnavailable("wrapped key does not belong to this key version or context") from None
-
-    def describe(self) -> KeyState:
-        return KeyState(usable=True, state="enabled", version=str(self._version))
+        super().__init__(kek, str(version))
 
 
 def material_context(org_id: str, key_id: str, version: int) -> dict[str, str]:

@@ -18,6 +18,7 @@ from services.control_plane.backups.models import Backup
 from services.control_plane.clusters.models import Cluster
 from services.control_plane.clusters.state import Status
 from services.control_plane.keys import ring
+from services.control_plane.keys.clusterkeys import key_context
 from services.control_plane.keys.models import EncryptionKey, EncryptionKeyVersion
 from services.control_plane.keys.ring import KeyRef
 from services.control_plane.keys.schemas import AwsSetupOut, KeyIn, KeyOut, KeyVersionOut, RotateIn
@@ -269,7 +270,7 @@ async def rotate(
     def rewrap() -> list[tuple[Cluster, bytes, bytes | None]]:
         out = []
         for c in clusters:
-            ctx = {"org_id": c.org_id, "cluster_id": c.id}
+            ctx = key_context(c)
             old = refs[c.id]
             wrapped = ring.wrap(new_ref, ring.unwrap(old, c.data_key_wrapped, ctx), ctx)
             nxt = None
