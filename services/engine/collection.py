@@ -32,14 +32,13 @@ from services.core.errors import BadRequest, NotFound
 
 from . import malloc
 from .crypto import CorruptionError, DataCipher
+from .filters import Filter, compile_filter
 from .idmap import ROW_MASK, SEG_SHIFT, IdMap, PackedIds
 from .maintenance import Maintaining
 from .schema import (
     MAX_QUERY_LIMIT,
     Batch,
     CollectionConfig,
-    Filter,
-    compile_filter,
     expect_object,
     loads,
     parse_ids,

@@ -17,14 +17,13 @@ import numpy as np
 from services.core.errors import BadRequest, PayloadTooLarge, Unprocessable
 
 from . import schema
+from .filters import Filter, compile_filter
 from .idmap import ROW_MASK, SEG_SHIFT, PackedIds
 from .schema import (
     MAX_QUERIES,
     MAX_TOP_K,
     CollectionConfig,
-    Filter,
     check_finite,
-    compile_filter,
     expect_object,
     fast_search,
     loads,
